@@ -1,0 +1,87 @@
+"""Shared math for the preconditioner families.
+
+Conventions: a tensor ``x`` of shape ``(n_0, ..., n_{k-1})`` is seen along one of its dims ``i``
+as a "row matrix" ``to_rows(x, i)`` of shape ``(N / n_i, n_i)``: every row is one fibre of ``x``
+along dim ``i``. Applying a matrix ``M`` (``n_i x n_i``) along dim ``i`` means replacing every fibre
+``f`` by ``M f``, i.e. ``rows @ M.T``. A 1-D "factor" ``q`` is a diagonal matrix stored as its
+diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "apply_along",
+    "from_rows",
+    "gram_along",
+    "solve_transpose_along",
+    "spd_norm_lower_bound",
+    "to_rows",
+    "work_dtype",
+]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the preconditioner math runs in: at least float32 (bf16/fp16 state is lifted)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def to_rows(x: Tensor, dim: int) -> Tensor:
+    """``x`` with ``dim`` moved last, flattened to ``(N / n_dim, n_dim)`` (a view when possible)."""
+    return x.movedim(dim, -1).reshape(-1, x.shape[dim])
+
+
+def from_rows(rows: Tensor, shape: torch.Size, dim: int) -> Tensor:
+    """Inverse of :func:`to_rows` for a tensor of the given ``shape``."""
+    moved = list(shape)
+    moved.append(moved.pop(dim))
+    return rows.reshape(moved).movedim(-1, dim)
+
+
+def _broadcast_along(q: Tensor, ndim: int, dim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return q.view(shape)
+
+
+def apply_along(x: Tensor, factor: Tensor, dim: int) -> Tensor:
+    """``factor`` applied along ``dim`` of ``x``: ``M f`` for every fibre ``f`` (diagonal if 1-D)."""
+    if factor.ndim == 1:
+        return x * _broadcast_along(factor, x.ndim, dim)
+    return from_rows(to_rows(x, dim) @ factor.mT, x.shape, dim)
+
+
+def solve_transpose_along(x: Tensor, factor: Tensor, dim: int) -> Tensor:
+    """``factor^{-T}`` applied along ``dim`` of ``x``; a 2-D factor must be upper triangular.
+
+    With rows ``R = to_rows(x, dim)`` the result's rows are ``R Q^{-1}`` (a right triangular solve),
+    which is ``Q^{-T} f`` for every fibre ``f``.
+    """
+    if factor.ndim == 1:
+        return x / _broadcast_along(factor, x.ndim, dim)
+    rows = torch.linalg.solve_triangular(factor, to_rows(x, dim), upper=True, left=False)
+    return from_rows(rows, x.shape, dim)
+
+
+def gram_along(x: Tensor, dim: int, diagonal: bool) -> Tensor:
+    """``sum over fibres f along dim of f f^T``: ``n x n``, or its diagonal (length ``n``) when
+    ``diagonal`` is true."""
+    if diagonal:
+        other = [d for d in range(x.ndim) if d != dim]
+        return x.square().sum(dim=other) if other else x.square()
+    rows = to_rows(x, dim)
+    return rows.mT @ rows
+
+
+def spd_norm_lower_bound(a: Tensor) -> Tensor:
+    """A cheap lower bound of the spectral norm of a symmetric positive semi-definite matrix.
+
+    One power-iteration step from the row ``x = A e_j`` of largest norm: ``|A x| / |x|``. For PSD
+    ``A`` this is at least ``|A e_j|`` and at most ``|A|_2``. No host synchronisation.
+    """
+    row_norms = a.square().sum(dim=1)
+    x = a.index_select(0, row_norms.argmax().view(1))
+    ax = x @ a
+    return ax.norm() / x.norm().clamp_min(torch.finfo(a.dtype).tiny)

@@ -1,0 +1,84 @@
+"""The interface every preconditioner family implements, and the registry of families by name.
+
+A family fits ``P = Q^T Q`` for one *block* of parameters from pairs ``(v, h)`` by the
+noise-robust criterion ``E[h^T P h + v^T P^{-1} v]`` (Li 2015), moving ``Q`` on a Lie group with
+a normalised multiplicative step. A block is one tensor (``scope = "tensor"``: Kron, Diag) or the
+concatenation of all parameters of a param group flattened to a vector (``scope = "group"``: the
+paper's whole-vector families). The family keeps its state in a plain ``dict`` of tensors, lists of
+tensors and numbers (``torch.load(weights_only=True)`` must be able to read it back).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PRECONDITIONERS",
+    "Preconditioner",
+    "get_preconditioner",
+    "register_preconditioner",
+    "update_lipschitz",
+]
+
+
+def update_lipschitz(lipschitz: Tensor, bound: Tensor, beta: float) -> Tensor:
+    """``L <- max(beta L + (1 - beta) l, l)`` in place, with ``l`` a lower bound of the curvature of
+    the fitting criterion along the step; returns ``L``. ``precond_lr / L`` is then a step size that
+    is dimensionless and safe for any ``precond_lr`` in ``(0, 1]``; the EMA (``beta > 0``) smooths
+    noisy bounds (whitening), ``beta = 0`` reacts at once (exact, noise-free ``H v``)."""
+    return torch.maximum(lipschitz.mul_(beta).add_(bound, alpha=1 - beta), bound, out=lipschitz)
+
+
+class Preconditioner(ABC):
+    """One preconditioner family. Stateless class: all data lives in the ``state`` dicts."""
+
+    name: ClassVar[str]
+    scope: ClassVar[Literal["tensor", "group"]]
+
+    @classmethod
+    @abstractmethod
+    def init_state(
+        cls, shape: torch.Size, options: Mapping[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        """Fresh state for a block of ``shape`` with ``Q = I``; ``options`` is the param group."""
+
+    @classmethod
+    @abstractmethod
+    def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
+        """Reset ``Q`` to ``scale * I`` (so ``P = scale^2 I``)."""
+
+    @classmethod
+    @abstractmethod
+    def update(cls, state: dict[str, Any], v: Tensor, h: Tensor, options: Mapping[str, Any]) -> None:
+        """One Lie-group step of ``Q`` on the criterion for the pair ``(v, h)`` (block-shaped), with
+        step size ``options["precond_lr"] / L`` (``L`` tracked with ``options["lipschitz_beta"]``)."""
+
+    @classmethod
+    @abstractmethod
+    def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
+        """``P g`` for a block-shaped ``g``, in the state's working dtype."""
+
+
+PRECONDITIONERS: dict[str, type[Preconditioner]] = {}
+
+
+def register_preconditioner(cls: type[Preconditioner]) -> type[Preconditioner]:
+    """Class decorator: make a family selectable as ``PSGD(preconditioner=cls.name)``."""
+    if cls.name in PRECONDITIONERS:
+        raise ValueError(f"a preconditioner family named {cls.name!r} is already registered")
+    PRECONDITIONERS[cls.name] = cls
+    return cls
+
+
+def get_preconditioner(name: str) -> type[Preconditioner]:
+    """The family registered as ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return PRECONDITIONERS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(repr(n) for n in sorted(PRECONDITIONERS))
+        raise ValueError(f"preconditioner={name!r} is not a known family; choose one of {known}") from None

@@ -1,0 +1,59 @@
+"""Diag: ``Q = diag(q)`` with one positive entry per parameter element (Jacobi / "Newton-diag").
+
+Fit on the group of positive diagonal matrices, which is a direct product of one-dimensional
+groups, so every element takes its own normalised step: with ``a = q h`` and ``b = v / q`` the
+relative gradient of ``E[h^T P h + v^T P^{-1} v]`` is ``a^2 - b^2`` (elementwise), its curvature
+bound ``a^2 + b^2``, and ``q <- q (1 - mu (a^2 - b^2) / (a^2 + b^2))``. The step's expectation
+vanishes exactly where ``E[a^2] = E[b^2]`` whenever ``(h_i, v_i)`` is jointly Gaussian with zero
+mean (exact ``H v`` for any ``H``; whitening of zero-mean Gaussian gradients), so ``P = q^2`` tends
+to ``diag(H^2)^{-1/2}`` (``|H|^{-1}`` for a diagonal ``H``) or to ``E[g^2]^{-1/2}``. Elements with
+small curvature converge as fast as large ones, unlike a single tensor-wide bound. ``P g = q^2 g``
+is computed on the fly: the state is one tensor the size of the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg import work_dtype
+from .base import Preconditioner, register_preconditioner
+
+__all__ = ["Diag"]
+
+
+@register_preconditioner
+class Diag(Preconditioner):
+    """Elementwise diagonal preconditioner (see the module docstring)."""
+
+    name = "diag"
+    scope = "tensor"
+
+    @classmethod
+    def init_state(
+        cls, shape: torch.Size, options: Mapping[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        return {"q": torch.ones(shape, dtype=dtype, device=device)}
+
+    @classmethod
+    def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
+        state["q"].fill_(scale)
+
+    @classmethod
+    def update(cls, state: dict[str, Any], v: Tensor, h: Tensor, options: Mapping[str, Any]) -> None:
+        stored = state["q"]
+        q = stored.to(work_dtype(stored.dtype))
+        a2 = (q * h).square_()
+        b2 = (v / q).square_()
+        bound = (a2 + b2).clamp_min_(torch.finfo(q.dtype).tiny)
+        q.sub_(a2.sub_(b2).div_(bound).mul_(q).mul_(options["precond_lr"]))
+        if q is not stored:
+            stored.copy_(q)
+
+    @classmethod
+    def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
+        q = state["q"].to(work_dtype(state["q"].dtype))
+        return g * q * q

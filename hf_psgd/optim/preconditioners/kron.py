@@ -1,0 +1,126 @@
+"""Kron: ``Q = Q_0 (x) Q_1 (x) ... (x) Q_{k-1}``, one factor per dim of the tensor.
+
+Each factor ``Q_i`` (``n_i x n_i``) lives on the group of upper-triangular matrices with positive
+diagonal ("dense") or on the group of positive diagonal matrices (stored as a vector). Dim ``i`` of a
+tensor with ``N`` elements gets a dense factor when ``1 < n_i <= max_dense_size`` and
+``n_i^2 <= max_skew * N``, else a diagonal one; scalars and (with ``max_skew <= 1``) vectors are
+diagonal. ``P = Q^T Q`` acts on a gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``,
+cached after every fit so that preconditioning costs one product per dense factor.
+
+Fit (Li 2015/2018, the triangular "EQ" geometry): with ``A = Q h`` and ``B = Q^{-T} v`` (both
+tensor-shaped), the relative gradient of ``E[h^T P h + v^T P^{-1} v]`` for factor ``i`` is
+``E_i = A_(i) A_(i)^T - B_(i) B_(i)^T`` (``X_(i)``: the fibres of ``X`` along dim ``i``). Every factor
+moves as ``Q_i <- Q_i - (mu / L_i) triu(E_i) Q_i`` (diagonal: ``q_i <- q_i - (mu / L_i) E_i q_i``),
+where ``L_i`` is a running lower bound of the spectral norm of ``A_(i) A_(i)^T + B_(i) B_(i)^T``, so
+``mu = precond_lr`` is dimensionless. No damping and no line search are needed. After each fit
+the factors are rebalanced (equal max-norms, same product) to keep them well scaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg import apply_along, gram_along, solve_transpose_along, spd_norm_lower_bound, work_dtype
+from .base import Preconditioner, register_preconditioner, update_lipschitz
+
+__all__ = ["Kron", "factor_is_dense"]
+
+
+def _work_shape(shape: torch.Size) -> torch.Size:
+    return shape if len(shape) else torch.Size([1])
+
+
+def factor_is_dense(n: int, numel: int, max_dense_size: int, max_skew: float) -> bool:
+    """Whether dim of size ``n`` of a tensor with ``numel`` elements gets a triangular factor."""
+    return 1 < n <= max_dense_size and n * n <= max_skew * numel
+
+
+@register_preconditioner
+class Kron(Preconditioner):
+    """Kronecker-factored preconditioner, one factor per tensor dim (see the module docstring)."""
+
+    name = "kron"
+    scope = "tensor"
+
+    @classmethod
+    def init_state(
+        cls, shape: torch.Size, options: Mapping[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        shape = _work_shape(shape)
+        numel = shape.numel()
+        factors = []
+        for n in shape:
+            if factor_is_dense(n, numel, options["max_dense_size"], options["max_skew"]):
+                factors.append(torch.eye(n, dtype=dtype, device=device))
+            else:
+                factors.append(torch.ones(n, dtype=dtype, device=device))
+        return {
+            "Q": factors,
+            "P": [f.clone() for f in factors],
+            "lipschitz": torch.zeros(len(factors), dtype=work_dtype(dtype), device=device),
+        }
+
+    @classmethod
+    def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
+        factor_scale = scale ** (1.0 / len(state["Q"]))
+        for q in state["Q"]:
+            identity = torch.eye(q.shape[0], dtype=q.dtype, device=q.device) if q.ndim == 2 else 1.0
+            q.copy_(identity * factor_scale)
+        cls._refresh_cache(state)
+
+    @classmethod
+    def update(cls, state: dict[str, Any], v: Tensor, h: Tensor, options: Mapping[str, Any]) -> None:
+        stored = state["Q"]
+        factors = [q.to(work_dtype(q.dtype)) for q in stored]
+        shape = _work_shape(h.shape)
+        a = h.reshape(shape).to(factors[0].dtype)
+        b = v.reshape(shape).to(factors[0].dtype)
+        for dim, q in enumerate(factors):
+            a = apply_along(a, q, dim)
+            b = solve_transpose_along(b, q, dim)
+        lipschitz = state["lipschitz"]
+        for dim, q in enumerate(factors):
+            diagonal = q.ndim == 1
+            term_a = gram_along(a, dim, diagonal)
+            term_b = gram_along(b, dim, diagonal)
+            total = term_a + term_b
+            bound = total.max() if diagonal else spd_norm_lower_bound(total)
+            step = options["precond_lr"] / update_lipschitz(lipschitz[dim], bound, options["lipschitz_beta"])
+            gradient = term_a.sub_(term_b)
+            if diagonal:
+                q.sub_(gradient.mul_(q).mul_(step))
+            else:
+                q.sub_(torch.triu(gradient).matmul(q).mul_(step))
+        cls._balance(factors)
+        for q_stored, q in zip(stored, factors):
+            if q_stored is not q:
+                q_stored.copy_(q)
+        cls._refresh_cache(state)
+
+    @classmethod
+    def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
+        cache = state["P"]
+        x = g.reshape(_work_shape(g.shape)).to(work_dtype(cache[0].dtype))
+        for dim, p in enumerate(cache):
+            x = apply_along(x, p.to(x.dtype), dim)
+        return x.reshape(g.shape)
+
+    @staticmethod
+    def _balance(factors: list[Tensor]) -> None:
+        """Rescale the factors to equal max-abs values without changing their Kronecker product."""
+        if len(factors) < 2:
+            return
+        norms = torch.stack([q.abs().max() for q in factors])
+        target = norms.log().mean().exp()
+        for q, scale in zip(factors, (target / norms).unbind()):
+            q.mul_(scale)
+
+    @staticmethod
+    def _refresh_cache(state: dict[str, Any]) -> None:
+        for p, q in zip(state["P"], state["Q"]):
+            qw = q.to(work_dtype(q.dtype))
+            p.copy_(qw.square() if q.ndim == 1 else qw.mT @ qw)

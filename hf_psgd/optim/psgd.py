@@ -1,0 +1,484 @@
+"""``PSGD``: the ``torch.optim.Optimizer`` shell around the preconditioner families.
+
+One step, for every block (a tensor, or a whole param group for the whole-vector families):
+
+1. ``m <- beta_t m + (1 - beta_t) g`` with ``beta_t = min(momentum, t / (t + 1))`` (an EMA that
+   starts as a plain average, so no bias correction is needed).
+2. On update steps (deterministic credit schedule, see :mod:`.schedules`): fit ``Q`` on one pair
+   ``(v, h)`` from the group's curvature source (see :mod:`.curvature`), ``h + damping v`` in place
+   of ``h`` (``P -> |H + damping I|^{-1}``).
+3. ``u = P m``; the update-size guard scales ``u`` down to RMS ``<= max_update_rms``.
+4. ``theta <- theta (1 - lr weight_decay) - lr u`` (decoupled weight decay).
+
+A non-finite gradient or ``H v`` anywhere skips the whole step: parameters, momentum and
+preconditioners stay exactly as they were; ``state["skipped_steps"]`` counts it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .curvature import CURVATURES, differentiate, finite_difference_hvp, hessian_vector_products, probe_seed
+from .preconditioners import Preconditioner, get_preconditioner
+from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability, validate_schedule
+
+__all__ = ["PSGD"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        for name, dtype in _DTYPES.items():
+            if dtype == value:
+                return name
+    elif isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return value.removeprefix("torch.")
+    raise ValueError(f"precond_dtype={value!r} is invalid: expected None or one of {sorted(_DTYPES)}")
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Check and normalise one param group's options in place."""
+    num = _is_number
+    _check("lr", group["lr"], num(group["lr"]) and group["lr"] >= 0, "a number >= 0")
+    _check("momentum", group["momentum"], num(group["momentum"]) and 0 <= group["momentum"] < 1, "a number in [0, 1)")
+    wd = group["weight_decay"]
+    _check("weight_decay", wd, num(wd) and wd >= 0, "a number >= 0")
+    get_preconditioner(group["preconditioner"])
+    curvature = group["curvature"]
+    _check("curvature", curvature, curvature in CURVATURES, f"one of {list(CURVATURES)}")
+    mu = group["precond_lr"]
+    _check("precond_lr", mu, num(mu) and 0 < mu <= 1, "a number in (0, 1]")
+    beta = group["lipschitz_beta"]
+    _check("lipschitz_beta", beta, num(beta) and 0 <= beta < 1, "a number in [0, 1)")
+    group["precond_update_prob"] = validate_schedule(group["precond_update_prob"])
+    scale = group["precond_init_scale"]
+    _check("precond_init_scale", scale, scale is None or (num(scale) and 0 < scale < math.inf), "None or a number > 0")
+    rms = group["max_update_rms"]
+    _check("max_update_rms", rms, rms is None or (num(rms) and rms > 0), "None (no guard) or a number > 0")
+    damping = group["damping"]
+    _check("damping", damping, num(damping) and damping >= 0, "a number >= 0")
+    whiten_momentum = group["whiten_momentum"]
+    _check("whiten_momentum", whiten_momentum, isinstance(whiten_momentum, bool), "True or False")
+    group["precond_dtype"] = _dtype_name(group["precond_dtype"])
+    size = group["max_dense_size"]
+    _check("max_dense_size", size, isinstance(size, int) and not isinstance(size, bool) and size >= 0, "an int >= 0")
+    skew = group["max_skew"]
+    _check("max_skew", skew, num(skew) and skew >= 0, "a number >= 0 (math.inf: every factor dense)")
+    seed = group["seed"]
+    _check("seed", seed, isinstance(seed, int) and not isinstance(seed, bool), "an int")
+
+
+class PSGD(Optimizer):
+    r"""Preconditioned SGD with Lie-group preconditioners fitted online (Li; arXiv 2402.04553).
+
+    The preconditioner ``P = Q^T Q`` is fitted by the criterion ``E[h^T P h + v^T P^{-1} v]`` from
+    pairs ``(v, h)`` and tends to ``|H|^{-1}`` (``curvature="hvp"`` or ``"fd"``) or to
+    ``E[g g^T]^{-1/2}`` (``curvature="whiten"``). Every option can be overridden per param group.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate of the parameter update.
+        preconditioner: family name: ``"kron"`` (per tensor, one factor per dim) or ``"diag"``
+            (elementwise); see :data:`hf_psgd.optim.preconditioners.PRECONDITIONERS`.
+        curvature: ``"whiten"`` (``h`` = gradient), ``"hvp"`` (exact Hessian-vector products) or
+            ``"fd"`` (finite differences of gradients; needs ``step(closure)``).
+        momentum: EMA factor of the gradient; the momentum is what gets preconditioned.
+        weight_decay: decoupled weight decay (``theta *= 1 - lr * weight_decay``).
+        precond_lr: dimensionless step size of the preconditioner fit, in ``(0, 1]``.
+        lipschitz_beta: EMA factor of the running bound ``L`` that normalises the fit's step
+            (0.9 smooths noisy whitening pairs; 0 suits exact, noise-free ``H v``).
+        precond_update_prob: a constant probability or a schedule dict (see
+            :mod:`hf_psgd.optim.schedules`); default 1.0 for 500 steps, decaying to 0.03.
+        precond_init_scale: initial ``Q = scale I``; ``None`` sets it from the first pair as
+            ``(mean v^2)^{1/4} (mean h^4)^{-1/8}`` (deferred while ``h`` is all zeros).
+        max_update_rms: guard: ``P m`` is scaled down to this RMS per block; ``None`` disables it.
+        damping: ``h + damping v`` is fitted instead of ``h`` (bounds ``P`` by ``1 / damping``).
+        whiten_momentum: with ``curvature="whiten"``, fit on the momentum instead of the gradient.
+        precond_dtype: storage dtype of the preconditioner (``None``: float32, or float64 for
+            float64 parameters); the math always runs in at least float32.
+        max_dense_size, max_skew: Kron's rule for a triangular factor on a dim of size ``n`` of a
+            tensor with ``N`` elements: ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``.
+        seed: seed of the probe vectors (a pure function of seed, parameter index and step).
+
+    Curvature ``"hvp"`` takes ``H v`` from one of: ``step(closure)`` with a closure that returns the
+    loss (PSGD differentiates it with ``create_graph=True``); gradients that already carry a graph
+    (``loss.backward(create_graph=True)`` on steps where :meth:`will_update_preconditioner` is
+    true; PSGD detaches them afterwards); or products handed over with :meth:`accumulate_hvp` for
+    the probes from :meth:`hvp_probes`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        preconditioner: str = "kron",
+        curvature: str = "whiten",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        precond_lr: float = 0.1,
+        lipschitz_beta: float = 0.9,
+        precond_update_prob: Schedule = DEFAULT_UPDATE_SCHEDULE,
+        precond_init_scale: float | None = None,
+        max_update_rms: float | None = 1.1,
+        damping: float = 1e-9,
+        whiten_momentum: bool = False,
+        precond_dtype: torch.dtype | str | None = None,
+        max_dense_size: int = 8192,
+        max_skew: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            preconditioner=preconditioner,
+            curvature=curvature,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            precond_lr=precond_lr,
+            lipschitz_beta=lipschitz_beta,
+            precond_update_prob=precond_update_prob,
+            precond_init_scale=precond_init_scale,
+            max_update_rms=max_update_rms,
+            damping=damping,
+            whiten_momentum=whiten_momentum,
+            precond_dtype=precond_dtype,
+            max_dense_size=max_dense_size,
+            max_skew=max_skew,
+            seed=seed,
+        )
+        _validate_group(dict(defaults))
+        self._param_index: dict[Tensor, int] = {}
+        self._handed_hvp: dict[Tensor, Tensor] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- groups, blocks
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        for p in group["params"]:
+            self._param_index.setdefault(p, len(self._param_index))
+
+    @staticmethod
+    def _family(group: Mapping[str, Any]) -> type[Preconditioner]:
+        return get_preconditioner(group["preconditioner"])
+
+    def _blocks(self, group: Mapping[str, Any]) -> list[list[Tensor]]:
+        """The group's trainable parameters, split into preconditioner blocks."""
+        params = [p for p in group["params"] if p.requires_grad]
+        if self._family(group).scope == "tensor":
+            return [[p] for p in params]
+        return [params] if params else []
+
+    @staticmethod
+    def _gather(block: list[Tensor], tensors: Mapping[Tensor, Tensor]) -> Tensor:
+        """The block-shaped view of per-parameter tensors (zeros where one is missing)."""
+        if len(block) == 1:
+            return tensors[block[0]]
+        return torch.cat([tensors[p].reshape(-1) if p in tensors else p.new_zeros(p.numel()) for p in block])
+
+    @staticmethod
+    def _scatter(block: list[Tensor], flat: Tensor) -> list[Tensor]:
+        if len(block) == 1:
+            return [flat]
+        return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in block]), block)]
+
+    @staticmethod
+    def _block_shape(block: list[Tensor]) -> torch.Size:
+        return block[0].shape if len(block) == 1 else torch.Size([sum(p.numel() for p in block)])
+
+    @staticmethod
+    def _state_dtype(group: Mapping[str, Any], param: Tensor) -> torch.dtype:
+        if group["precond_dtype"] is not None:
+            return _DTYPES[group["precond_dtype"]]
+        return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def _init_block_state(self, group: dict[str, Any], block: list[Tensor]) -> dict[str, Any]:
+        state = self.state[block[0]]
+        if state:
+            return state
+        shape = self._block_shape(block)
+        first = block[0]
+        state.update(self._family(group).init_state(shape, group, self._state_dtype(group, first), first.device))
+        if group["momentum"] > 0:
+            state["momentum"] = torch.zeros(shape, dtype=first.dtype, device=first.device)
+        state["step"] = 0
+        state["precond_updates"] = 0
+        state["skipped_steps"] = 0
+        state["update_credit"] = 1.0 - update_probability(group["precond_update_prob"], 0)
+        state["scale_pending"] = group["precond_init_scale"] is None
+        if group["precond_init_scale"] is not None:
+            scale = torch.tensor(float(group["precond_init_scale"]), device=first.device)
+            self._family(group).set_scale(state, scale)
+        return state
+
+    # ----------------------------------------------------------------------------- update schedule
+
+    def _will_update(self, group: Mapping[str, Any], block: list[Tensor]) -> bool:
+        state = self.state.get(block[0])
+        if not state:
+            return True
+        probability = update_probability(group["precond_update_prob"], state["step"])
+        return state["update_credit"] + probability >= 1.0 - 1e-9
+
+    def will_update_preconditioner(self, curvature: str | None = None) -> bool:
+        """Whether the next ``step()`` fits at least one preconditioner (restricted to groups with
+        the given ``curvature`` if one is named). Cheap: reads counters only."""
+        return any(
+            self._will_update(group, block)
+            for group in self.param_groups
+            if curvature is None or group["curvature"] == curvature
+            for block in self._blocks(group)
+        )
+
+    # ----------------------------------------------------------------------------- probes and H v
+
+    def _probe(self, param: Tensor, group: Mapping[str, Any], step: int) -> Tensor:
+        generator = self._generators.get(param.device)
+        if generator is None:
+            generator = self._generators[param.device] = torch.Generator(device=param.device)
+        generator.manual_seed(probe_seed(group["seed"], self._param_index[param], step))
+        dtype = self._state_dtype(group, param)
+        return torch.randn(
+            param.shape, generator=generator, dtype=torch.promote_types(dtype, torch.float32), device=param.device
+        )
+
+    def _block_step(self, block: list[Tensor]) -> int:
+        state = self.state.get(block[0])
+        return state["step"] if state else 0
+
+    def hvp_probes(self) -> dict[Tensor, Tensor]:
+        """The probe ``v`` of every parameter whose preconditioner the next ``step()`` fits from
+        exact Hessian-vector products. A training loop that computes ``H v`` itself (for example
+        summed over micro-batches) hands the products back with :meth:`accumulate_hvp`."""
+        probes = {}
+        for group in self.param_groups:
+            if group["curvature"] != "hvp":
+                continue
+            for block in self._blocks(group):
+                if self._will_update(group, block):
+                    step = self._block_step(block)
+                    probes.update({p: self._probe(p, group, step) for p in block})
+        return probes
+
+    def accumulate_hvp(self, products: Mapping[Tensor, Tensor]) -> None:
+        """Add ``H v`` contributions (for the probes of :meth:`hvp_probes`) for the next ``step()``."""
+        for param, product in products.items():
+            if param not in self._param_index:
+                raise ValueError("accumulate_hvp got a tensor that is not a parameter of this optimizer")
+            if product.shape != param.shape:
+                raise ValueError(
+                    f"accumulate_hvp: product of shape {tuple(product.shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}"
+                )
+            product = product.detach()
+            previous = self._handed_hvp.get(param)
+            self._handed_hvp[param] = product.clone() if previous is None else previous.add_(product)
+
+    # ----------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One optimisation step; returns the closure's loss when a closure is given.
+
+        With ``curvature="hvp"`` or ``"fd"`` the closure must return the loss without calling
+        ``backward()`` (PSGD differentiates it); with ``"whiten"`` it follows the usual
+        ``torch.optim`` convention (zero the gradients, backward, return the loss).
+        """
+        plans = []  # (group, block, fits the preconditioner this step)
+        for group in self.param_groups:
+            for block in self._blocks(group):
+                plans.append((group, block, self._will_update(group, block)))
+        need_h = {
+            p: group["curvature"]
+            for group, block, fits in plans
+            if fits and group["curvature"] != "whiten"
+            for p in block
+        }
+
+        loss = None
+        graph_grads: dict[Tensor, Tensor] = {}
+        if closure is not None and any(group["curvature"] != "whiten" for group in self.param_groups):
+            params = [p for _, block, _ in plans for p in block]
+            with torch.enable_grad():
+                loss = closure()
+            grads = differentiate(loss, params, create_graph=any(c == "hvp" for c in need_h.values()))
+            for p, g in zip(params, grads):
+                if g.requires_grad:
+                    graph_grads[p] = g
+                p.grad = g.detach()
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for _, block, _ in plans:
+            for p in block:
+                if p.grad is not None and p.grad.requires_grad:
+                    graph_grads.setdefault(p, p.grad)
+                    p.grad = p.grad.detach()
+
+        plans = [(g, b, fits) for g, b, fits in plans if any(p.grad is not None for p in b)]
+        grads = {p: p.grad for _, block, _ in plans for p in block if p.grad is not None}
+        handed, self._handed_hvp = self._handed_hvp, {}
+        products = self._curvature_products(plans, need_h, grads, graph_grads, handed, closure)
+        graph_grads.clear()
+
+        if not self._all_finite(list(grads.values()) + list(products.values())):
+            self._skip(plans)
+            return loss
+        for group in self.param_groups:
+            self._apply(group, [(b, fits) for g, b, fits in plans if g is group], grads, products)
+        return loss
+
+    def _curvature_products(self, plans, need_h, grads, graph_grads, handed, closure) -> dict[Tensor, Tensor]:
+        """``H v`` (or its finite-difference estimate) for every parameter that needs one."""
+        products: dict[Tensor, Tensor] = {}
+        from_graph, from_fd = [], []
+        for group, block, fits in plans:
+            if not fits or group["curvature"] == "whiten":
+                continue
+            step = self._block_step(block)
+            for p in block:
+                if p not in grads:
+                    continue
+                probe = self._probe(p, group, step)
+                if group["curvature"] == "fd":
+                    from_fd.append((p, probe))
+                elif p in handed:
+                    products[p] = handed[p]
+                elif p in graph_grads:
+                    from_graph.append((p, probe))
+                else:
+                    raise RuntimeError(
+                        "curvature='hvp' needs a Hessian-vector product on this step (the preconditioner is "
+                        "fitted now) but the gradients carry no autograd graph. Either call "
+                        "loss.backward(create_graph=True) on steps where optimizer.will_update_preconditioner() "
+                        "is true, or pass a closure that returns the loss to step(closure), or hand over H v "
+                        "for optimizer.hvp_probes() with optimizer.accumulate_hvp()."
+                    )
+        if from_graph:
+            params = [p for p, _ in from_graph]
+            hv = hessian_vector_products([graph_grads[p] for p in params], params, [v for _, v in from_graph])
+            products.update(zip(params, hv))
+        if from_fd:
+            if closure is None:
+                raise RuntimeError(
+                    "curvature='fd' needs step(closure) with a deterministic closure that returns the loss "
+                    "(same batch, no dropout randomness): PSGD re-evaluates it at perturbed parameters"
+                )
+            params = [p for p, _ in from_fd]
+            hv = finite_difference_hvp(closure, params, [grads[p] for p in params], [v for _, v in from_fd])
+            products.update(zip(params, hv))
+        return products
+
+    @staticmethod
+    def _all_finite(tensors: list[Tensor]) -> bool:
+        if not tensors:
+            return True
+        norms = torch._foreach_norm(tensors)
+        return bool(torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().all())
+
+    def _skip(self, plans) -> None:
+        for group, block, _ in plans:
+            self._init_block_state(group, block)["skipped_steps"] += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "PSGD skipped a step because a gradient or Hessian-vector product was NaN or Inf; parameters, "
+                "momentum and preconditioners were left unchanged (state['skipped_steps'] counts skips). "
+                "This warning is shown once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _apply(self, group: dict[str, Any], blocks, grads, products) -> None:
+        """Momentum, preconditioner fit, preconditioning, guard and parameter update for one group."""
+        family = self._family(group)
+        beta = group["momentum"]
+        params, updates = [], []
+        for block, fits in blocks:
+            state = self._init_block_state(group, block)
+            step = state["step"]
+            g = self._gather(block, grads)
+            direction = g
+            if beta > 0:
+                direction = state["momentum"].lerp_(g, 1.0 - min(beta, step / (step + 1)))
+            if fits:
+                self._fit(group, family, state, block, g, direction, products)
+            probability = update_probability(group["precond_update_prob"], step)
+            state["update_credit"] += probability - (1.0 if fits else 0.0)
+            state["step"] = step + 1
+            update = family.precondition(state, direction)
+            if group["max_update_rms"] is not None:
+                limit = group["max_update_rms"] * math.sqrt(update.numel())
+                update.mul_((limit / update.norm().clamp_min(1e-30)).clamp(max=1.0))
+            params.extend(block)
+            updates.extend(self._scatter(block, update))
+        if not params:
+            return
+        if group["weight_decay"] > 0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        updates = [u.to(p.dtype) for u, p in zip(updates, params)]
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    def _fit(self, group, family, state, block, g, direction, products) -> None:
+        step = state["step"]
+        v = self._gather(block, {p: self._probe(p, group, step) for p in block})
+        if group["curvature"] == "whiten":
+            h = direction if group["whiten_momentum"] else g
+        else:
+            h = self._gather(block, products)
+        h = h.to(v.dtype)
+        if state["scale_pending"]:
+            scale = v.square().mean().pow(0.25) * h.pow(4).mean().pow(-0.125)
+            if not bool(torch.isfinite(scale) and scale > 0):
+                return
+            family.set_scale(state, scale)
+            state["scale_pending"] = False
+        if group["damping"] > 0:
+            h = h.add(v, alpha=group["damping"])
+        family.update(state, v, h, group)
+        state["precond_updates"] += 1
+
+    # ----------------------------------------------------------------------------- state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like ``Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (the base
+        class casts floating state to the parameter dtype, which would round an fp32
+        preconditioner of a bf16 parameter)."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, value in saved_state.items():
+            param = params[index]
+            self.state[param] = _copy_to_device(value, param.device)
+
+
+def _copy_to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _copy_to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_to_device(v, device) for v in value)
+    return value

@@ -1,0 +1,60 @@
+"""Preconditioner update probability schedules, as plain data.
+
+A schedule is either a number ``p`` in ``(0, 1]`` (constant) or a dict
+
+    {"flat_steps": 500, "decay": 0.001, "min_prob": 0.03}
+
+meaning ``p(t) = 1`` for ``t < flat_steps``, then ``max(min_prob, exp(-decay (t - flat_steps)))``
+(the references' default shape: 1.0 at first, about 0.03 after ~4000 steps). Being plain data, a
+schedule survives ``state_dict()`` and ``torch.load(weights_only=True)``.
+
+Update decisions are deterministic: each block accumulates "credit" ``c <- c + p(t)`` and updates
+its preconditioner whenever ``c >= 1`` (then ``c <- c - 1``), so over any window the number of
+updates is the integral of ``p`` and a training loop can know a step in advance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["DEFAULT_UPDATE_SCHEDULE", "Schedule", "update_probability", "validate_schedule"]
+
+Schedule = float | Mapping[str, float]
+
+DEFAULT_UPDATE_SCHEDULE: dict[str, float] = {"flat_steps": 500, "decay": 0.001, "min_prob": 0.03}
+
+_KEYS = ("flat_steps", "decay", "min_prob")
+
+
+def validate_schedule(schedule: Any, name: str = "precond_update_prob") -> Schedule:
+    """``schedule`` normalised to plain data; ``ValueError`` naming what is wrong otherwise."""
+    allowed = f"a number in (0, 1] or a dict with keys {list(_KEYS)}"
+    if isinstance(schedule, bool):
+        raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
+    if isinstance(schedule, (int, float)):
+        if not 0.0 < float(schedule) <= 1.0:
+            raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
+        return float(schedule)
+    if isinstance(schedule, Mapping):
+        unknown = sorted(set(schedule) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {unknown}: expected {allowed}")
+        merged = {**DEFAULT_UPDATE_SCHEDULE, **{k: float(v) for k, v in schedule.items()}}
+        if merged["flat_steps"] < 0 or merged["decay"] < 0 or not 0.0 < merged["min_prob"] <= 1.0:
+            raise ValueError(
+                f"{name}={dict(schedule)!r} is invalid: need flat_steps >= 0, decay >= 0, 0 < min_prob <= 1"
+            )
+        return merged
+    raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
+
+
+def update_probability(schedule: Schedule, step: int) -> float:
+    """The probability of a preconditioner update at (0-based) step ``step``."""
+    if isinstance(schedule, float):
+        return schedule
+    flat = schedule["flat_steps"]
+    if step < flat:
+        return 1.0
+    return max(schedule["min_prob"], math.exp(-schedule["decay"] * (step - flat)))

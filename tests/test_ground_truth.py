@@ -1,0 +1,124 @@
+"""The fitted preconditioner against known answers: |H|^{-1} (hvp), C^{-1/2} (whitening), Rosenbrock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import matrix_abs, matrix_power, random_symmetric, relative_identity_error, rosenbrock
+
+from hf_psgd import PSGD
+
+
+def _fit_only(param: torch.nn.Parameter, **options) -> PSGD:
+    """A PSGD that only fits its preconditioner (lr 0, no momentum) every step."""
+    return PSGD([param], lr=0.0, momentum=0.0, precond_update_prob=1.0, **options)
+
+
+def _kron_preconditioner(opt: PSGD, param: torch.Tensor) -> torch.Tensor:
+    left, right = opt.state[param]["P"]
+    return torch.kron(left, right)
+
+
+@pytest.mark.parametrize("indefinite", [False, True], ids=["spd", "indefinite"])
+def test_kron_hvp_fits_inverse_abs_hessian(indefinite: bool) -> None:
+    """Loss 1/2 tr(X^T H1 X H2) has Hessian H1 (x) H2 on vec(X); P must tend to |H|^{-1}."""
+    m, n = 5, 4
+    h1 = random_symmetric(m, indefinite=indefinite, seed=1)
+    h2 = random_symmetric(n, seed=2)
+    x = torch.nn.Parameter(torch.randn(m, n, dtype=torch.float64))
+    opt = _fit_only(x, curvature="hvp", precond_lr=0.1, max_skew=math.inf)
+    for t in range(2000):
+        if t == 1000:
+            opt.param_groups[0]["precond_lr"] = 0.02
+        opt.zero_grad()
+        (0.5 * (x * (h1 @ x @ h2)).sum()).backward(create_graph=True)
+        opt.step()
+    error = relative_identity_error(_kron_preconditioner(opt, x) @ matrix_abs(torch.kron(h1, h2)))
+    assert error < (0.08 if indefinite else 1e-2)
+    assert x.grad is not None and not x.grad.requires_grad  # the graph was released
+
+
+def test_diag_hvp_fits_inverse_abs_diagonal_hessian() -> None:
+    diagonal = torch.tensor([3.0, -0.5, 10.0, 0.2, -2.0, 1.0], dtype=torch.float64)
+    x = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = _fit_only(x, preconditioner="diag", curvature="hvp", precond_lr=0.2)
+    for _ in range(1500):
+        opt.step(lambda: 0.5 * (diagonal * x * x).sum())
+    fitted = opt.state[x]["q"].square()
+    torch.testing.assert_close(fitted * diagonal.abs(), torch.ones(6, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_kron_whitening_fits_inverse_sqrt_covariance() -> None:
+    """Gradients G = C1^{1/2} Z C2^{1/2} (Z white) have covariance C1 (x) C2: P -> C^{-1/2}."""
+    m, n = 4, 3
+    c1, c2 = random_symmetric(m, 0.5, 4.0, seed=3), random_symmetric(n, 0.5, 4.0, seed=4)
+    s1, s2 = matrix_power(c1, 0.5), matrix_power(c2, 0.5)
+    x = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
+    opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(6000):
+        opt.param_groups[0]["precond_lr"] = 0.1 if t < 2000 else 0.01
+        x.grad = s1 @ torch.randn(m, n, generator=gen, dtype=torch.float64) @ s2
+        opt.step()
+    target = matrix_power(torch.kron(c1, c2), 0.5)
+    assert relative_identity_error(_kron_preconditioner(opt, x) @ target) < 0.1
+
+
+def test_diag_whitening_fits_inverse_rms() -> None:
+    """Per element P -> E[g^2]^{-1/2}; the fit is noisy, so compare its geometric time average."""
+    scales = torch.tensor([0.1, 1.0, 10.0, 3.0], dtype=torch.float64)
+    x = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = _fit_only(x, preconditioner="diag", curvature="whiten", precond_lr=0.02)
+    gen = torch.Generator().manual_seed(0)
+    log_sum = torch.zeros(4, dtype=torch.float64)
+    for t in range(4000):
+        x.grad = scales * torch.randn(4, generator=gen, dtype=torch.float64)
+        opt.step()
+        if t >= 2000:
+            log_sum += opt.state[x]["q"].square().log()
+    fitted = (log_sum / 2000).exp()
+    torch.testing.assert_close(fitted * scales, torch.ones(4, dtype=torch.float64), rtol=0.08, atol=0)
+
+
+@pytest.mark.parametrize("route", ["closure", "graph"])
+def test_rosenbrock_hvp_reaches_1e_10_without_line_search(route: str) -> None:
+    x = torch.nn.Parameter(torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    opt = PSGD(
+        [x],
+        lr=1.0,
+        curvature="hvp",
+        momentum=0.0,
+        precond_lr=1.0,
+        lipschitz_beta=0.0,
+        precond_update_prob=1.0,
+        max_update_rms=None,
+        max_skew=math.inf,
+    )
+    for _ in range(500):
+        if route == "closure":
+            opt.step(lambda: rosenbrock(x))
+        else:
+            opt.zero_grad()
+            rosenbrock(x).backward(create_graph=True)
+            opt.step()
+        if rosenbrock(x.detach()) < 1e-10:
+            break
+    assert rosenbrock(x.detach()) < 1e-10, f"f = {rosenbrock(x.detach()).item():.3e} after 500 iterations"
+
+
+def test_kron_factors_stay_in_their_groups() -> None:
+    """Over a long noisy run, dense factors stay upper triangular with a positive diagonal and
+    diagonal factors stay positive; everything finite."""
+    x = torch.nn.Parameter(torch.zeros(6, 40))
+    opt = PSGD([x], lr=0.0, precond_update_prob=1.0, precond_lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(1000):
+        x.grad = torch.randn(6, 40, generator=gen) * torch.logspace(-3, 3, 40)
+        opt.step()
+    dense, diagonal = opt.state[x]["Q"]
+    assert dense.shape == (6, 6) and diagonal.shape == (40,)
+    assert torch.equal(dense, dense.triu())
+    assert (dense.diagonal() > 0).all() and (diagonal > 0).all()
+    assert all(torch.isfinite(t).all() for t in (dense, diagonal, *opt.state[x]["P"]))

@@ -1,0 +1,214 @@
+"""The optimizer shell: arguments, param groups, schedules, closures, H v routes, guard, decay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import rosenbrock
+
+from hf_psgd import PSGD
+from hf_psgd.optim.schedules import DEFAULT_UPDATE_SCHEDULE, update_probability
+
+
+def _param(*shape: int, seed: int = 0) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("lr", -1.0, ">= 0"),
+        ("momentum", 1.0, "[0, 1)"),
+        ("weight_decay", -0.1, ">= 0"),
+        ("curvature", "newton", "'whiten', 'hvp', 'fd'"),
+        ("precond_lr", 0.0, "(0, 1]"),
+        ("precond_lr", 1.5, "(0, 1]"),
+        ("lipschitz_beta", 1.0, "[0, 1)"),
+        ("precond_update_prob", 0.0, "(0, 1]"),
+        ("precond_update_prob", {"flat": 3}, "unknown keys"),
+        ("precond_update_prob", {"min_prob": 2.0}, "0 < min_prob <= 1"),
+        ("precond_init_scale", 0.0, "None or a number > 0"),
+        ("max_update_rms", -1.0, "None (no guard)"),
+        ("damping", -1e-9, ">= 0"),
+        ("whiten_momentum", "yes", "True or False"),
+        ("precond_dtype", "int8", "float32"),
+        ("max_dense_size", 2.5, "an int >= 0"),
+        ("max_skew", -1, ">= 0"),
+        ("seed", 1.5, "an int"),
+    ],
+)
+def test_invalid_argument_names_argument_value_and_allowed(name: str, value, allowed: str) -> None:
+    with pytest.raises(ValueError) as error:
+        PSGD([_param(3)], **{name: value})
+    message = str(error.value)
+    assert name in message and repr(value) in message or name in message and "unknown keys" in message
+    assert allowed in message
+
+
+def test_unknown_preconditioner_lists_known_families() -> None:
+    with pytest.raises(
+        ValueError, match=r"preconditioner='shampoo' is not a known family; choose one of .*'diag'.*'kron'"
+    ):
+        PSGD([_param(3)], preconditioner="shampoo")
+
+
+def test_invalid_per_group_override_is_rejected() -> None:
+    with pytest.raises(ValueError, match="precond_lr=2.0"):
+        PSGD([{"params": [_param(3)]}, {"params": [_param(2)], "precond_lr": 2.0}])
+
+
+def test_param_groups_with_their_own_family_and_options() -> None:
+    a, b = _param(4, 3), _param(5, seed=1)
+    opt = PSGD([{"params": [a]}, {"params": [b], "preconditioner": "diag", "lr": 0.5}], lr=0.1)
+    (a.sum() + (b * b).sum()).backward()
+    opt.step()
+    assert "Q" in opt.state[a] and "q" in opt.state[b]
+    assert opt.param_groups[1]["lr"] == 0.5 and opt.param_groups[0]["lr"] == 0.1
+    assert opt.param_groups[0]["precond_update_prob"] == DEFAULT_UPDATE_SCHEDULE
+
+
+@pytest.mark.parametrize("curvature", ["whiten", "hvp", "fd"])
+def test_step_returns_closure_loss_for_every_curvature(curvature: str) -> None:
+    x = torch.nn.Parameter(torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    opt = PSGD([x], curvature=curvature)
+
+    def closure() -> torch.Tensor:
+        loss = rosenbrock(x)
+        if curvature == "whiten":  # the usual torch.optim closure; hvp / fd closures only return the loss
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and loss.item() == pytest.approx(4.0)
+    assert x.grad is not None and not x.grad.requires_grad
+
+
+def test_default_schedule_is_flat_then_decays_to_floor() -> None:
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 0) == 1.0
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 499) == 1.0
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 1500) == pytest.approx(math.exp(-1.0))
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 10_000) == 0.03
+    assert update_probability(0.25, 7) == 0.25
+
+
+def test_update_decisions_follow_the_probability_and_are_announced() -> None:
+    """With p = 0.25 a block fits its preconditioner on steps 0, 4, 8, ... and
+    will_update_preconditioner() says so beforehand."""
+    x = _param(3, 2)
+    opt = PSGD([x], precond_update_prob=0.25)
+    announced, counts = [], []
+    for _ in range(12):
+        announced.append(opt.will_update_preconditioner())
+        x.grad = torch.randn(3, 2)
+        opt.step()
+        counts.append(opt.state[x]["precond_updates"])
+    assert announced == [i % 4 == 0 for i in range(12)]
+    assert counts == [1 + i // 4 for i in range(12)]
+
+
+def _quadratic(x: torch.Tensor) -> torch.Tensor:
+    weights = torch.arange(1.0, x.numel() + 1, dtype=x.dtype).view_as(x)
+    return (weights * x * x).sum() + (x.sum()) ** 2
+
+
+def test_hvp_routes_closure_graph_and_handed_products_agree() -> None:
+    """The same H v reaches the preconditioner whether PSGD differentiates a closure, reads a
+    create_graph gradient, or gets the product handed over for the probes it announced."""
+    finals = []
+    for route in ("closure", "graph", "handed"):
+        x = _param(4, 3)
+        opt = PSGD([x], lr=0.05, curvature="hvp", precond_update_prob=0.5)
+        for _ in range(6):
+            if route == "closure":
+                opt.step(lambda x=x: _quadratic(x))
+                continue
+            opt.zero_grad()
+            needs_hvp = opt.will_update_preconditioner("hvp")
+            if route == "graph":
+                _quadratic(x).backward(create_graph=needs_hvp)
+            else:
+                (grad,) = torch.autograd.grad(_quadratic(x), [x], create_graph=needs_hvp)
+                if needs_hvp:
+                    probes = opt.hvp_probes()
+                    (product,) = torch.autograd.grad(grad, [x], probes[x])
+                    opt.accumulate_hvp({x: product})
+                x.grad = grad.detach()
+            opt.step()
+        finals.append(x.detach().clone())
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(finals[2], finals[0], rtol=1e-6, atol=1e-7)
+
+
+def test_hvp_without_graph_or_closure_says_what_to_do() -> None:
+    x = _param(3)
+    opt = PSGD([x], curvature="hvp")
+    _quadratic(x).backward()
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*closure.*accumulate_hvp"):
+        opt.step()
+
+
+def test_fd_without_closure_says_what_to_do() -> None:
+    x = _param(3)
+    opt = PSGD([x], curvature="fd")
+    _quadratic(x).backward()
+    with pytest.raises(RuntimeError, match="curvature='fd' needs step\\(closure\\)"):
+        opt.step()
+
+
+def test_closure_that_calls_backward_with_hvp_is_explained() -> None:
+    x = _param(3)
+    opt = PSGD([x], curvature="hvp")
+
+    def closure() -> torch.Tensor:
+        loss = _quadratic(x)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="must only return the loss"):
+        opt.step(closure)
+
+
+def test_fd_matches_hvp_and_restores_parameters_bitwise() -> None:
+    """On a smooth problem the finite-difference fit follows the exact one closely, and the
+    parameters seen after the step equal those of an hvp run (the perturbation was undone)."""
+    finals = {}
+    for curvature in ("hvp", "fd"):
+        x = torch.nn.Parameter(torch.tensor([-1.0, 1.0, 0.5], dtype=torch.float64))
+        opt = PSGD([x], lr=0.5, curvature=curvature, precond_update_prob=1.0, max_skew=math.inf)
+        for _ in range(20):
+            opt.step(lambda x=x: rosenbrock(x))
+        finals[curvature] = (x.detach().clone(), opt.state[x]["P"][0].clone())
+    torch.testing.assert_close(finals["fd"][0], finals["hvp"][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(finals["fd"][1], finals["hvp"][1], rtol=1e-3, atol=1e-6)
+
+    x = torch.nn.Parameter(torch.tensor([0.3, -0.7], dtype=torch.float32))
+    before = x.detach().clone()
+    seen = []
+
+    def closure() -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return rosenbrock(x)
+
+    opt = PSGD([x], lr=0.0, curvature="fd")
+    opt.step(closure)
+    assert len(seen) == 2 and not torch.equal(seen[1], before)
+    assert torch.equal(x.detach(), before)
+
+
+def test_update_guard_caps_update_rms() -> None:
+    x = torch.nn.Parameter(torch.zeros(10, 10))
+    opt = PSGD([x], lr=1.0, momentum=0.0, precond_init_scale=1.0, precond_update_prob=1e-6, max_update_rms=0.5)
+    x.grad = torch.full((10, 10), 1e6)
+    opt.step()
+    assert x.detach().square().mean().sqrt().item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_decoupled_weight_decay() -> None:
+    x = torch.nn.Parameter(torch.full((3, 2), 2.0))
+    opt = PSGD([x], lr=0.1, weight_decay=0.5)
+    x.grad = torch.zeros(3, 2)
+    opt.step()
+    torch.testing.assert_close(x.detach(), torch.full((3, 2), 2.0 * (1 - 0.1 * 0.5)))

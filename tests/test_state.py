@@ -1,0 +1,165 @@
+"""state_dict round trips, bitwise resume, weights_only loading, and the NaN / Inf / zero rules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import TinyTransformer, copy_task_batch, lm_loss
+
+from hf_psgd import PSGD
+
+SHORT_SCHEDULE = {"flat_steps": 3, "decay": 0.3, "min_prob": 0.2}
+
+
+def _run(model: torch.nn.Module, opt: PSGD, curvature: str, steps: range) -> None:
+    for step in steps:
+        batch = copy_task_batch(torch.Generator().manual_seed(step))
+        if curvature == "whiten":
+            opt.zero_grad()
+            lm_loss(model, batch).backward()
+            opt.step()
+        else:
+            opt.step(lambda batch=batch: lm_loss(model, batch))
+
+
+def _all_state_tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _all_state_tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _all_state_tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("preconditioner", "curvature"), [("kron", "whiten"), ("kron", "hvp"), ("diag", "whiten"), ("diag", "fd")]
+)
+def test_resume_from_saved_state_is_bitwise_identical(tmp_path, preconditioner: str, curvature: str) -> None:
+    """Train 10 steps; or train 5, save to disk, load (weights_only=True) into fresh objects and
+    train 5 more: the parameters must be bit-identical, probes and update decisions included."""
+    torch.manual_seed(0)
+    reference = TinyTransformer()
+    resumed = copy.deepcopy(reference)
+    options = dict(lr=3e-3, preconditioner=preconditioner, curvature=curvature, precond_update_prob=SHORT_SCHEDULE)
+
+    opt = PSGD(reference.parameters(), **options)
+    _run(reference, opt, curvature, range(10))
+
+    first = PSGD(resumed.parameters(), **options)
+    _run(resumed, first, curvature, range(5))
+    torch.save({"model": resumed.state_dict(), "optimizer": first.state_dict()}, tmp_path / "ckpt.pt")
+    del first, resumed
+
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    restored = TinyTransformer()
+    restored.load_state_dict(checkpoint["model"])
+    second = PSGD(restored.parameters(), **options)
+    second.load_state_dict(checkpoint["optimizer"])
+    _run(restored, second, curvature, range(5, 10))
+
+    for a, b in zip(reference.parameters(), restored.parameters()):
+        assert torch.equal(a, b)
+    assert [opt.state[p]["precond_updates"] for p in reference.parameters()] == [
+        second.state[p]["precond_updates"] for p in restored.parameters()
+    ]
+
+
+def test_state_dict_round_trip_preserves_values_and_dtypes() -> None:
+    """A bf16 parameter keeps an fp32 preconditioner through load_state_dict (the base class
+    would cast it to bf16), and a bf16 preconditioner option is honoured."""
+    x = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.bfloat16))
+    y = torch.nn.Parameter(torch.randn(5, 3))
+    opt = PSGD([{"params": [x]}, {"params": [y], "precond_dtype": torch.bfloat16}])
+    for _ in range(3):
+        x.grad, y.grad = torch.randn_like(x), torch.randn_like(y)
+        opt.step()
+    assert opt.state[x]["Q"][0].dtype == torch.float32
+    assert opt.state[x]["momentum"].dtype == torch.bfloat16
+    assert opt.state[y]["Q"][0].dtype == torch.bfloat16
+    assert opt.param_groups[1]["precond_dtype"] == "bfloat16"
+
+    fresh = PSGD([{"params": [x]}, {"params": [y], "precond_dtype": "bfloat16"}])
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in (x, y):
+        saved, loaded = _all_state_tensors(opt.state[p]), _all_state_tensors(fresh.state[p])
+        assert len(saved) == len(loaded) > 0
+        for a, b in zip(saved, loaded):
+            assert a.dtype == b.dtype and torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert fresh.state[x]["step"] == 3
+
+
+def test_state_lives_per_parameter_as_plain_data() -> None:
+    model = TinyTransformer()
+    opt = PSGD(model.parameters())
+    lm_loss(model, copy_task_batch(torch.Generator().manual_seed(0))).backward()
+    opt.step()
+    allowed = (torch.Tensor, int, float, bool, list, dict)
+    for param, state in opt.state.items():
+        assert isinstance(param, torch.nn.Parameter)
+        assert all(isinstance(v, allowed) for v in state.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["grad", "hvp"])
+def test_non_finite_gradient_or_hvp_skips_the_step_exactly(bad: float, where: str) -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = PSGD(model.parameters(), lr=1e-2, curvature="hvp" if where == "hvp" else "whiten", precond_update_prob=1.0)
+    batch = copy_task_batch(torch.Generator().manual_seed(0))
+
+    def good_step() -> None:
+        opt.zero_grad()
+        lm_loss(model, batch).backward(create_graph=where == "hvp")
+        opt.step()
+
+    good_step()
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.zero_grad()
+        lm_loss(model, batch).backward(create_graph=where == "hvp")
+        if where == "grad":
+            model.proj.weight.grad[0, 0] = bad
+        else:
+            opt.accumulate_hvp({model.proj.weight: torch.full_like(model.proj.weight, bad)})
+        opt.step()
+
+    for before, p in zip(params_before, model.parameters()):
+        assert torch.equal(before, p)
+    state_after = opt.state_dict()
+    for index, state in state_before["state"].items():
+        after = state_after["state"][index]
+        assert after["skipped_steps"] == state["skipped_steps"] + 1
+        for a, b in zip(_all_state_tensors(state), _all_state_tensors(after)):
+            assert torch.equal(a, b)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second skip is silent
+        opt.zero_grad()
+        lm_loss(model, batch).backward(create_graph=where == "hvp")
+        next(model.parameters()).grad.fill_(float("nan"))
+        opt.step()
+    good_step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zero_gradients_on_first_step_do_not_produce_nans() -> None:
+    """Auto init scale from an all-zero gradient would be infinite: it is deferred instead."""
+    x = torch.nn.Parameter(torch.randn(4, 3))
+    y = torch.nn.Parameter(torch.randn(7))
+    opt = PSGD([{"params": [x]}, {"params": [y], "preconditioner": "diag"}], lr=0.1)
+    x.grad, y.grad = torch.zeros(4, 3), torch.zeros(7)
+    opt.step()
+    assert opt.state[x]["scale_pending"] and opt.state[y]["scale_pending"]
+    for _ in range(3):
+        x.grad, y.grad = torch.randn(4, 3), torch.randn(7)
+        opt.step()
+    assert not opt.state[x]["scale_pending"] and not opt.state[y]["scale_pending"]
+    for t in [x, y, *opt.state[x]["Q"], opt.state[y]["q"]]:
+        assert torch.isfinite(t).all()
