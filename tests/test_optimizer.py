@@ -212,3 +212,18 @@ def test_decoupled_weight_decay() -> None:
     x.grad = torch.zeros(3, 2)
     opt.step()
     torch.testing.assert_close(x.detach(), torch.full((3, 2), 2.0 * (1 - 0.1 * 0.5)))
+
+
+def test_statistics_report_fits_skips_probability_and_scale() -> None:
+    x, y = _param(4, 3), _param(5, seed=1)
+    opt = PSGD([{"params": [x]}, {"params": [y], "preconditioner": "diag"}], precond_update_prob=0.5)
+    assert opt.statistics() == {"precond_updates": 0.0, "skipped_steps": 0.0, "update_prob": 0.0}
+    for _ in range(4):
+        x.grad, y.grad = torch.randn(4, 3), torch.randn(5)
+        opt.step()
+    figures = opt.statistics()
+    assert figures["precond_updates"] == 4.0 and figures["update_prob"] == 0.5 and figures["skipped_steps"] == 0.0
+    kron_scale = torch.stack([p.diagonal().mean() if p.ndim == 2 else p.mean() for p in opt.state[x]["P"]]).prod()
+    diag_scale = opt.state[y]["q"].square().mean()
+    assert figures["precond_scale_min"] == pytest.approx(min(kron_scale, diag_scale).item())
+    assert figures["precond_scale_max"] == pytest.approx(max(kron_scale, diag_scale).item())

@@ -252,6 +252,30 @@ class PSGD(Optimizer):
             for block in self._blocks(group)
         )
 
+    def statistics(self) -> dict[str, float]:
+        """Figures for training logs, summed or ranged over all preconditioner blocks:
+        ``precond_updates`` (fits done), ``skipped_steps`` (non-finite steps skipped, per block
+        count of the most-skipped block), ``update_prob`` (largest current update probability) and
+        ``precond_scale_min`` / ``precond_scale_max`` (range of ``tr(P) / n``: a health figure that
+        shows a preconditioner collapsing or blowing up). One host sync; meant for logging steps."""
+        updates, skipped, probability, scales = 0, 0, 0.0, []
+        for group in self.param_groups:
+            family = self._family(group)
+            for block in self._blocks(group):
+                state = self.state.get(block[0])
+                if not state:
+                    continue
+                updates += state["precond_updates"]
+                skipped = max(skipped, state["skipped_steps"])
+                probability = max(probability, update_probability(group["precond_update_prob"], state["step"]))
+                scales.append(family.mean_diagonal(state))
+        figures = {"precond_updates": float(updates), "skipped_steps": float(skipped), "update_prob": probability}
+        if scales:
+            stacked = torch.stack([s.to(scales[0].device) for s in scales])
+            low, high = stacked.aminmax()
+            figures["precond_scale_min"], figures["precond_scale_max"] = low.item(), high.item()
+        return figures
+
     # ----------------------------------------------------------------------------- probes and H v
 
     def _probe(self, param: Tensor, group: Mapping[str, Any], step: int) -> Tensor:
@@ -442,20 +466,24 @@ class PSGD(Optimizer):
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     def _fit(self, group, family, state, block, g, direction, products) -> None:
-        step = state["step"]
-        v = self._gather(block, {p: self._probe(p, group, step) for p in block})
-        if group["curvature"] == "whiten":
+        whiten = group["curvature"] == "whiten"
+        v = None
+        if not (whiten and family.integrates_probe):
+            v = self._gather(block, {p: self._probe(p, group, state["step"]) for p in block})
+        if whiten:
             h = direction if group["whiten_momentum"] else g
         else:
             h = self._gather(block, products)
-        h = h.to(v.dtype)
+        h = h.to(torch.promote_types(self._state_dtype(group, block[0]), torch.float32))
         if state["scale_pending"]:
-            scale = v.square().mean().pow(0.25) * h.pow(4).mean().pow(-0.125)
+            scale = h.pow(4).mean().pow(-0.125)
+            if v is not None:
+                scale *= v.square().mean().pow(0.25)
             if not bool(torch.isfinite(scale) and scale > 0):
                 return
             family.set_scale(state, scale)
             state["scale_pending"] = False
-        if group["damping"] > 0:
+        if v is not None and group["damping"] > 0:
             h = h.add(v, alpha=group["damping"])
         family.update(state, v, h, group)
         state["precond_updates"] += 1

@@ -39,6 +39,9 @@ class Preconditioner(ABC):
 
     name: ClassVar[str]
     scope: ClassVar[Literal["tensor", "group"]]
+    #: With whitening (``v`` independent of ``h``) the family can take ``E_v`` in closed form and is
+    #: called with ``v=None``; it then adds the damping term ``damping^2 I`` to ``E[h h^T]`` itself.
+    integrates_probe: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -54,14 +57,20 @@ class Preconditioner(ABC):
 
     @classmethod
     @abstractmethod
-    def update(cls, state: dict[str, Any], v: Tensor, h: Tensor, options: Mapping[str, Any]) -> None:
+    def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
         """One Lie-group step of ``Q`` on the criterion for the pair ``(v, h)`` (block-shaped), with
-        step size ``options["precond_lr"] / L`` (``L`` tracked with ``options["lipschitz_beta"]``)."""
+        step size ``options["precond_lr"] / L`` (``L`` tracked with ``options["lipschitz_beta"]``).
+        ``v`` is ``None`` only for families with ``integrates_probe`` under whitening."""
 
     @classmethod
     @abstractmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         """``P g`` for a block-shaped ``g``, in the state's working dtype."""
+
+    @classmethod
+    @abstractmethod
+    def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
+        """``tr(P) / n``: a cheap scale of the preconditioner for health logs (0-dim tensor)."""
 
 
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {}

@@ -57,3 +57,7 @@ class Diag(Preconditioner):
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         q = state["q"].to(work_dtype(state["q"].dtype))
         return g * q * q
+
+    @classmethod
+    def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
+        return state["q"].float().square().mean()

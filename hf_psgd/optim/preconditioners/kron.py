@@ -12,8 +12,12 @@ tensor-shaped), the relative gradient of ``E[h^T P h + v^T P^{-1} v]`` for facto
 ``E_i = A_(i) A_(i)^T - B_(i) B_(i)^T`` (``X_(i)``: the fibres of ``X`` along dim ``i``). Every factor
 moves as ``Q_i <- Q_i - (mu / L_i) triu(E_i) Q_i`` (diagonal: ``q_i <- q_i - (mu / L_i) E_i q_i``),
 where ``L_i`` is a running lower bound of the spectral norm of ``A_(i) A_(i)^T + B_(i) B_(i)^T``, so
-``mu = precond_lr`` is dimensionless. No damping and no line search are needed. After each fit
-the factors are rebalanced (equal max-norms, same product) to keep them well scaled.
+``mu = precond_lr`` is dimensionless. No damping and no line search are needed. After each fit the
+factors are rebalanced (equal max-norms, same product) to keep them well scaled.
+
+With whitening the probe is integrated out: ``E_v[B_(i) B_(i)^T] = (Q_i^{-T} Q_i^{-1}) prod_{j!=i}
+|Q_j^{-1}|_F^2`` needs one small triangular inverse per factor instead of solves against the whole
+tensor, and has no sampling noise.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Kron(Preconditioner):
 
     name = "kron"
     scope = "tensor"
+    integrates_probe = True
 
     @classmethod
     def init_state(
@@ -73,20 +78,30 @@ class Kron(Preconditioner):
         cls._refresh_cache(state)
 
     @classmethod
-    def update(cls, state: dict[str, Any], v: Tensor, h: Tensor, options: Mapping[str, Any]) -> None:
+    def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
         stored = state["Q"]
         factors = [q.to(work_dtype(q.dtype)) for q in stored]
         shape = _work_shape(h.shape)
         a = h.reshape(shape).to(factors[0].dtype)
-        b = v.reshape(shape).to(factors[0].dtype)
         for dim, q in enumerate(factors):
             a = apply_along(a, q, dim)
-            b = solve_transpose_along(b, q, dim)
+        if v is None:
+            terms_b = cls._expected_probe_terms(factors)
+            terms_damping = cls._damping_terms(factors, options["damping"])
+        else:
+            b = v.reshape(shape).to(factors[0].dtype)
+            for dim, q in enumerate(factors):
+                b = solve_transpose_along(b, q, dim)
         lipschitz = state["lipschitz"]
         for dim, q in enumerate(factors):
             diagonal = q.ndim == 1
             term_a = gram_along(a, dim, diagonal)
-            term_b = gram_along(b, dim, diagonal)
+            if v is None:
+                term_b = terms_b[dim]
+                if terms_damping is not None:
+                    term_a += terms_damping[dim]
+            else:
+                term_b = gram_along(b, dim, diagonal)
             total = term_a + term_b
             bound = total.max() if diagonal else spd_norm_lower_bound(total)
             step = options["precond_lr"] / update_lipschitz(lipschitz[dim], bound, options["lipschitz_beta"])
@@ -101,6 +116,34 @@ class Kron(Preconditioner):
                 q_stored.copy_(q)
         cls._refresh_cache(state)
 
+    @staticmethod
+    def _kron_expectation_terms(grams: list[Tensor]) -> list[Tensor]:
+        """For ``X = (M_0 (x) M_1 ...) Z`` with white ``Z``: ``E[X_(i) X_(i)^T] = G_i prod_{j!=i} tr G_j``
+        where ``G_i = M_i M_i^T`` (given as a matrix, or as a vector when diagonal)."""
+        traces = torch.stack([g.sum() if g.ndim == 1 else g.diagonal().sum() for g in grams])
+        return [g * (traces.prod() / traces[i]) for i, g in enumerate(grams)]
+
+    @classmethod
+    def _expected_probe_terms(cls, factors: list[Tensor]) -> list[Tensor]:
+        """``E_v[B_(i) B_(i)^T]`` for ``B = Q^{-T} v``: the probe integrated out (whitening)."""
+        grams = []
+        for q in factors:
+            if q.ndim == 1:
+                grams.append(q.reciprocal().square())
+            else:
+                identity = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
+                inverse = torch.linalg.solve_triangular(q, identity, upper=True)
+                grams.append(inverse.mT @ inverse)
+        return cls._kron_expectation_terms(grams)
+
+    @classmethod
+    def _damping_terms(cls, factors: list[Tensor], damping: float) -> list[Tensor] | None:
+        """``E_v[damping^2 (Q v)_(i) (Q v)_(i)^T]``: fitting ``h + damping v`` with ``v`` integrated out."""
+        if damping == 0:
+            return None
+        grams = [q.square() if q.ndim == 1 else q @ q.mT for q in factors]
+        return [t.mul_(damping**2) for t in cls._kron_expectation_terms(grams)]
+
     @classmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         cache = state["P"]
@@ -108,6 +151,11 @@ class Kron(Preconditioner):
         for dim, p in enumerate(cache):
             x = apply_along(x, p.to(x.dtype), dim)
         return x.reshape(g.shape)
+
+    @classmethod
+    def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
+        means = [(p if p.ndim == 1 else p.diagonal()).float().mean() for p in state["P"]]
+        return torch.stack(means).prod()
 
     @staticmethod
     def _balance(factors: list[Tensor]) -> None:
