@@ -1,0 +1,142 @@
+"""PSGD by name in ``TrainingArguments``: ``optim="psgd_kron"`` with typed ``optim_args``.
+
+``TrainingArguments.optim`` is a closed enum checked in ``__post_init__`` and turned into argparse
+``choices``; there is no plugin registry. :class:`PSGDArgumentsMixin` re-declares ``optim`` as a
+plain string (so ``HfArgumentParser`` and YAML accept PSGD names), lets the base class validate
+everything else with a built-in name in place of ours, then puts our name back. ``optim_args``
+(``"curvature=hvp,precond_lr=0.2"``) is converted to the types of :class:`~hf_psgd.PSGD`'s
+arguments and validated by PSGD itself, so a bad key or value fails when the arguments are built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from ..optim import PRECONDITIONERS, PSGD
+
+__all__ = [
+    "PSGDArgumentsMixin",
+    "PSGDTrainingArguments",
+    "is_psgd_optimizer_name",
+    "psgd_optimizer_kwargs",
+    "psgd_optimizer_names",
+]
+
+PREFIX = "psgd_"
+#: Options that TrainingArguments sets (learning_rate, weight_decay) or the optimizer name fixes.
+_RESERVED = {"params": "", "lr": "learning_rate", "weight_decay": "weight_decay", "preconditioner": "optim"}
+_BUILTIN_STAND_IN = "adamw_torch"
+
+
+def psgd_optimizer_names() -> list[str]:
+    """Every ``optim`` name PSGD answers to: ``psgd_<family>`` for each registered family."""
+    return sorted(PREFIX + name for name in PRECONDITIONERS)
+
+
+def is_psgd_optimizer_name(name: Any) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def _optional(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _option_parsers() -> dict[str, Any]:
+    """A text-to-value parser per PSGD option, derived from its default and annotation."""
+    parsers = {}
+    for name, parameter in inspect.signature(PSGD.__init__).parameters.items():
+        if name in ("self", *_RESERVED):
+            continue
+        default, annotation = parameter.default, str(parameter.annotation)
+        if isinstance(default, bool):
+            parse = _boolean
+        elif type(default) is int:
+            parse = int
+        elif isinstance(default, (float, dict)) or "float" in annotation:  # a schedule dict: constant by text
+            parse = float
+        else:
+            parse = str
+        parsers[name] = _optional(parse) if "None" in annotation else parse
+    return parsers
+
+
+def _parse_optim_args(text: str | None) -> dict[str, Any]:
+    parsers = _option_parsers()
+    options: dict[str, Any] = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"optim_args: {item!r} is not of the form key=value")
+        if key in _RESERVED:
+            raise ValueError(f"optim_args: {key!r} is set by TrainingArguments.{_RESERVED[key]}, not optim_args")
+        if key not in parsers:
+            raise ValueError(f"optim_args: unknown key {key!r} for PSGD; allowed keys: {', '.join(sorted(parsers))}")
+        try:
+            options[key] = parsers[key](value)
+        except ValueError as error:
+            raise ValueError(f"optim_args: {key}={value!r} is invalid: {error}") from None
+    return options
+
+
+def psgd_optimizer_kwargs(optim: str, optim_args: str | None, learning_rate: float) -> dict[str, Any]:
+    """Keyword arguments of :class:`~hf_psgd.PSGD` for an ``optim`` name and its ``optim_args``
+    (validated: a bad name, key or value raises ``ValueError`` naming it)."""
+    family = optim.removeprefix(PREFIX)
+    if family not in PRECONDITIONERS:
+        raise ValueError(f"optim={optim!r} is not a PSGD optimizer; choose one of {', '.join(psgd_optimizer_names())}")
+    kwargs = {"lr": learning_rate, "preconditioner": family, **_parse_optim_args(optim_args)}
+    try:
+        PSGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except ValueError as error:
+        raise ValueError(f"optim_args for {optim}: {error}") from None
+    return kwargs
+
+
+@dataclass
+class PSGDArgumentsMixin:
+    """Mix into a ``TrainingArguments`` subclass (placed first) to accept PSGD optimizer names."""
+
+    optim: str = field(
+        default=TrainingArguments.__dataclass_fields__["optim"].default,
+        metadata={
+            "help": "The optimizer: a transformers name (adamw_torch, ...) or a PSGD one: "
+            + ", ".join(psgd_optimizer_names())
+            + ". PSGD options go in optim_args, e.g. 'curvature=hvp,precond_lr=0.2'."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        name = self.optim
+        if not is_psgd_optimizer_name(name):
+            super().__post_init__()
+            return
+        psgd_optimizer_kwargs(name, self.optim_args, self.learning_rate)
+        self.optim = _BUILTIN_STAND_IN
+        try:
+            super().__post_init__()
+        finally:
+            self.optim = name
+
+
+@dataclass
+class PSGDTrainingArguments(PSGDArgumentsMixin, TrainingArguments):
+    """``TrainingArguments`` that also accept ``optim="psgd_kron"`` (and every other PSGD family)."""

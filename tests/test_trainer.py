@@ -1,0 +1,244 @@
+"""PSGDTrainer: optimizer names (Python, CLI, YAML), exact H v inside Trainer steps, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hf_helpers import tiny_gpt2, tiny_llama, token_dataset
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import HfArgumentParser, Trainer, TrainerCallback
+
+from hf_psgd import PSGD, PSGDTrainer, PSGDTrainingArguments
+from hf_psgd.integrations.hvp_backward import check_twice_differentiable
+
+
+def _args(tmp_path: Path, **overrides) -> PSGDTrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="psgd_kron",
+        optim_args="curvature=hvp,precond_update_prob=1.0",
+    )
+    options.update(overrides)
+    return PSGDTrainingArguments(**options)
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+def test_name_route_from_python_cli_and_yaml(tmp_path: Path) -> None:
+    args = _args(tmp_path, optim="psgd_diag", optim_args="curvature=whiten,precond_lr=0.2,max_update_rms=none")
+    assert args.optim == "psgd_diag"
+    assert '"optim": "psgd_diag"' in args.to_json_string()
+    cls, kwargs = PSGDTrainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is PSGD
+    assert kwargs == {
+        "lr": 1e-2,
+        "preconditioner": "diag",
+        "curvature": "whiten",
+        "precond_lr": 0.2,
+        "max_update_rms": None,
+    }
+
+    parser = HfArgumentParser(PSGDTrainingArguments)
+    (cli,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--optim", "psgd_kron", "--optim_args", "curvature=hvp,seed=3"]
+    )
+    assert cli.optim == "psgd_kron" and PSGDTrainer.get_optimizer_cls_and_kwargs(cli)[1]["seed"] == 3
+
+    recipe = tmp_path / "args.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}\noptim: psgd_diag\noptim_args: seed=4,curvature=fd\n")
+    (from_yaml,) = parser.parse_yaml_file(str(recipe))
+    assert PSGDTrainer.get_optimizer_cls_and_kwargs(from_yaml)[1] == {
+        "lr": from_yaml.learning_rate,
+        "preconditioner": "diag",
+        "seed": 4,
+        "curvature": "fd",
+    }
+
+
+def test_builtin_names_keep_working(tmp_path: Path) -> None:
+    args = _args(tmp_path, optim="adamw_torch", optim_args=None)
+    cls, _ = PSGDTrainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is torch.optim.AdamW
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args", "message"),
+    [
+        ("psgd_shampoo", None, "optim='psgd_shampoo' is not a PSGD optimizer; choose one of "),
+        ("psgd_kron", "curvature=newton", "curvature='newton' is invalid"),
+        ("psgd_kron", "precond_lr=fast", "precond_lr='fast' is invalid"),
+        ("psgd_kron", "betas=0.9", "unknown key 'betas'"),
+        ("psgd_kron", "lr=0.1", "'lr' is set by TrainingArguments.learning_rate"),
+        ("psgd_kron", "precond_lr=2", "precond_lr=2.0 is invalid: expected a number in (0, 1]"),
+    ],
+)
+def test_bad_names_and_optim_args_are_named(tmp_path: Path, optim: str, optim_args: str | None, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        _args(tmp_path, optim=optim, optim_args=optim_args)
+    assert message in str(error.value)
+
+
+def test_cli_reports_bad_optim_args(tmp_path: Path) -> None:
+    parser = HfArgumentParser(PSGDTrainingArguments)
+    with pytest.raises(ValueError, match="unknown key 'foo'"):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "psgd_kron", "--optim_args", "foo=1"]
+        )
+
+
+# ------------------------------------------------------------------------------------------ H v in Trainer
+
+
+@pytest.fixture
+def handed_products(monkeypatch):
+    """Record every (probes, products) pair the Trainer hands to PSGD."""
+    records = []
+    original = PSGD.accumulate_hvp
+
+    def spy(self, products):
+        probes = self.hvp_probes()
+        records.append(({p: probes[p].clone() for p in products}, {p: h.clone() for p, h in products.items()}))
+        original(self, products)
+
+    monkeypatch.setattr(PSGD, "accumulate_hvp", spy)
+    return records
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_trainer_hvp_equals_hand_computed_hvp(tmp_path: Path, handed_products, accumulation: int) -> None:
+    """The H v PSGD receives in a Trainer step is that of the whole accumulated batch's loss, for
+    the step's probe; computed here by hand with torch.autograd on the same batch, normalised like
+    Trainer's gradient (token sum over ``num_items_in_batch``, the batch's label count)."""
+    model = tiny_gpt2()  # default sdpa attention: the trainer must switch to the math backend
+    reference = tiny_gpt2()
+    data = token_dataset(rows=8)
+    args = _args(
+        tmp_path,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        max_grad_norm=0.0,
+    )
+    PSGDTrainer(model=model, args=args, train_dataset=data).train()
+
+    assert len(handed_products) == 1
+    probes, products = handed_products[0]
+    names = {p: n for n, p in model.named_parameters()}
+    reference_params = dict(reference.named_parameters())
+    batch = torch.tensor(data["input_ids"])
+    params = list(reference.parameters())
+    vs = [probes[dict(model.named_parameters())[n]] for n, _ in reference.named_parameters()]
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = reference(input_ids=batch, labels=batch, num_items_in_batch=batch.numel()).loss
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        expected = torch.autograd.grad(grads, params, vs)
+    for (name, _), hv in zip(reference.named_parameters(), expected):
+        got = products[dict(model.named_parameters())[name]]
+        torch.testing.assert_close(got, hv, rtol=1e-4, atol=1e-6, msg=f"H v of {name}")
+    assert set(names.values()) >= set(reference_params)
+
+
+def test_hvp_only_on_fitting_steps_and_logs_psgd_figures(tmp_path: Path, handed_products) -> None:
+    history = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            history.append(dict(logs or {}))
+
+    args = _args(tmp_path, max_steps=6, optim_args="curvature=hvp,precond_update_prob=0.5")
+    PSGDTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset(), callbacks=[Keep()]).train()
+    assert len(handed_products) == 3  # steps 0, 2, 4
+    training_logs = [entry for entry in history if "loss" in entry]
+    assert training_logs[-1]["psgd/precond_updates"] > 0
+    assert training_logs[-1]["psgd/update_prob"] == 0.5
+    assert training_logs[-1]["psgd/skipped_steps"] == 0
+    assert 0 < training_logs[-1]["psgd/precond_scale_min"] <= training_logs[-1]["psgd/precond_scale_max"]
+
+
+def test_reentrant_checkpointing_is_refused_before_a_wrong_hvp(tmp_path: Path) -> None:
+    args = _args(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    trainer = PSGDTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        trainer.train()
+
+
+def test_non_reentrant_checkpointing_trains_with_hvp(tmp_path: Path) -> None:
+    args = _args(tmp_path, activation_checkpointing=True)
+    trainer = PSGDTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    trainer.train()
+    assert all(math.isfinite(p.detach().sum().item()) for p in trainer.model.parameters())
+
+
+def test_attention_without_double_backward_fails_fast() -> None:
+    model = tiny_llama()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2': exact Hessian-vector products"):
+        check_twice_differentiable(model)
+
+
+def test_bf16_autocast_trains_with_fp32_preconditioner(tmp_path: Path) -> None:
+    args = _args(tmp_path, bf16=True, max_steps=4)
+    trainer = PSGDTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    state = trainer.optimizer.optimizer.state if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.state
+    factors = [q for s in state.values() for q in s["Q"]]
+    assert factors and all(q.dtype == torch.float32 for q in factors)
+
+
+def test_plain_trainer_with_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
+    args = _args(tmp_path, optim="adamw_torch", optim_args=None, max_steps=4)
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=token_dataset(),
+        optimizer_cls_and_kwargs=(PSGD, {"lr": 1e-2, "precond_update_prob": 1.0}),
+    )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, PSGD)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_loss_falls_with_hvp_and_whitening(tmp_path: Path) -> None:
+    for optim_args, lr in (("curvature=whiten", 1e-2), ("curvature=hvp", 0.3)):
+        args = _args(tmp_path, max_steps=30, learning_rate=lr, optim_args=optim_args, lr_scheduler_type="constant")
+        history = PSGDTrainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset(rows=32)).train()
+        assert history.training_loss < math.log(64), optim_args
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+@pytest.mark.parametrize("curvature", ["whiten", "hvp"])
+def test_resume_from_checkpoint_is_bitwise_identical(tmp_path: Path, curvature: str) -> None:
+    """2N steps in one go, or N steps, a checkpoint, and N more from it: identical parameters."""
+    optim_args = f"curvature={curvature},precond_update_prob=0.5"
+    straight = PSGDTrainer(
+        model=tiny_llama(),
+        args=_args(tmp_path / "a", max_steps=6, optim_args=optim_args),
+        train_dataset=token_dataset(rows=24),
+    )
+    straight.train()
+
+    first = _args(tmp_path / "b", max_steps=6, optim_args=optim_args, save_strategy="steps", save_steps=3)
+    interrupted = PSGDTrainer(model=tiny_llama(), args=first, train_dataset=token_dataset(rows=24))
+    interrupted.train()  # writes checkpoint-3 and checkpoint-6; resume from the middle one
+    resumed = PSGDTrainer(model=tiny_llama(), args=first, train_dataset=token_dataset(rows=24))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
+
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
