@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 VOCAB = 64
 
@@ -58,3 +66,27 @@ def tiny_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_bert_classifier() -> BertForSequenceClassification:
+    """A 2-layer BERT sequence classifier without dropout."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def classification_dataset(rows: int = 8, length: int = 10, seed: int = 0) -> Dataset:
+    """Token rows labelled by whether their first token is in the upper half of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=gen)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] >= VOCAB // 2).long().tolist()})

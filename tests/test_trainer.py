@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import tiny_gpt2, tiny_llama, token_dataset
+from hf_helpers import classification_dataset, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_dataset
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
@@ -147,8 +147,31 @@ def test_trainer_hvp_equals_hand_computed_hvp(tmp_path: Path, handed_products, a
         expected = torch.autograd.grad(grads, params, vs)
     for (name, _), hv in zip(reference.named_parameters(), expected):
         got = products[dict(model.named_parameters())[name]]
-        torch.testing.assert_close(got, hv, rtol=1e-4, atol=1e-6, msg=f"H v of {name}")
+        torch.testing.assert_close(got, hv, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"H v of {name}: {m}")
     assert set(names.values()) >= set(reference_params)
+
+
+def test_trainer_hvp_of_a_bert_classifier_equals_hand_computed_hvp(tmp_path: Path, handed_products) -> None:
+    """BERT's classification loss accepts but ignores ``num_items_in_batch``, so Trainer does not
+    divide it by the accumulation steps: its gradient is the sum of the micro-batch means. H v must
+    be scaled the same way: here, with 2 equal micro-batches, twice the full-batch mean's."""
+    model, reference = tiny_bert_classifier(), tiny_bert_classifier()
+    data = classification_dataset(rows=8)
+    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0)
+    PSGDTrainer(model=model, args=args, train_dataset=data).train()
+
+    probes, products = handed_products[0]
+    current = dict(model.named_parameters())
+    params = list(reference.parameters())
+    vs = [probes[current[name]] for name, _ in reference.named_parameters()]
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = 2 * reference(input_ids=torch.tensor(data["input_ids"]), labels=torch.tensor(data["labels"])).loss
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        expected = torch.autograd.grad(grads, params, vs)
+    for (name, _), hv in zip(reference.named_parameters(), expected):
+        torch.testing.assert_close(
+            products[current[name]], hv, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"H v of {name}: {m}"
+        )
 
 
 def test_hvp_only_on_fitting_steps_and_logs_psgd_figures(tmp_path: Path, handed_products) -> None:
