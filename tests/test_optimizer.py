@@ -36,6 +36,8 @@ def _param(*shape: int, seed: int = 0) -> torch.nn.Parameter:
         ("precond_dtype", "int8", "float32"),
         ("max_dense_size", 2.5, "an int >= 0"),
         ("max_skew", -1, ">= 0"),
+        ("rank", -1, "an int >= 0"),
+        ("rank", 2.0, "an int >= 0"),
         ("seed", 1.5, "an int"),
     ],
 )

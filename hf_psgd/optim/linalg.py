@@ -16,6 +16,7 @@ __all__ = [
     "apply_along",
     "from_rows",
     "gram_along",
+    "largest_eigenvalue_2x2",
     "solve_transpose_along",
     "spd_norm_lower_bound",
     "to_rows",
@@ -85,3 +86,13 @@ def spd_norm_lower_bound(a: Tensor) -> Tensor:
     x = a.index_select(0, row_norms.argmax().view(1))
     ax = x @ a
     return ax.norm() / x.norm().clamp_min(torch.finfo(a.dtype).tiny)
+
+
+def largest_eigenvalue_2x2(alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor:
+    """Largest eigenvalue of the symmetric ``[[alpha, gamma], [gamma, beta]]`` (elementwise).
+
+    For ``X = [a, b]`` (``n x 2``) the nonzero eigenvalues of ``a a^T + b b^T = X X^T`` are those of
+    ``X^T X``, so ``alpha = |a|^2, beta = |b|^2, gamma = a . b`` give the exact spectral norm of the
+    rank-2 matrix ``a a^T + b b^T`` in ``O(n)``.
+    """
+    return (alpha + beta).mul_(0.5).add_(torch.hypot((alpha - beta).mul_(0.5), gamma))

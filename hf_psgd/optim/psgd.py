@@ -81,6 +81,9 @@ def _validate_group(group: dict[str, Any]) -> None:
     group["precond_dtype"] = _dtype_name(group["precond_dtype"])
     size = group["max_dense_size"]
     _check("max_dense_size", size, isinstance(size, int) and not isinstance(size, bool) and size >= 0, "an int >= 0")
+    rank = group["rank"]
+    rank_is_int = isinstance(rank, int) and not isinstance(rank, bool)
+    _check("rank", rank, rank_is_int and rank >= 0, "an int >= 0 (0: diagonal)")
     skew = group["max_skew"]
     _check("max_skew", skew, num(skew) and skew >= 0, "a number >= 0 (math.inf: every factor dense)")
     seed = group["seed"]
@@ -97,8 +100,11 @@ class PSGD(Optimizer):
     Args:
         params: parameters or param groups.
         lr: learning rate of the parameter update.
-        preconditioner: family name: ``"kron"`` (per tensor, one factor per dim) or ``"diag"``
-            (elementwise); see :data:`hf_psgd.optim.preconditioners.PRECONDITIONERS`.
+        preconditioner: family name: ``"kron"`` (per tensor, one factor per dim), ``"diag"``
+            (elementwise), or one preconditioner over the whole flattened param group: ``"lra"``
+            (diagonal plus rank-``rank`` correction), ``"xmat"`` (diagonal plus anti-diagonal) or
+            ``"dense"`` (full triangular ``Q``; small groups only); see
+            :data:`hf_psgd.optim.preconditioners.PRECONDITIONERS`.
         curvature: ``"whiten"`` (``h`` = gradient), ``"hvp"`` (exact Hessian-vector products) or
             ``"fd"`` (finite differences of gradients; needs ``step(closure)``).
         momentum: EMA factor of the gradient; the momentum is what gets preconditioned.
@@ -117,7 +123,10 @@ class PSGD(Optimizer):
             float64 parameters); the math always runs in at least float32.
         max_dense_size, max_skew: Kron's rule for a triangular factor on a dim of size ``n`` of a
             tensor with ``N`` elements: ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``.
-        seed: seed of the probe vectors (a pure function of seed, parameter index and step).
+            ``max_dense_size`` also caps the size of a param group with ``preconditioner="dense"``.
+        rank: rank of the low-rank part of ``preconditioner="lra"`` (0: diagonal).
+        seed: seed of the probe vectors (a pure function of seed, parameter index and step) and of
+            LRA's random initial ``U``.
 
     Curvature ``"hvp"`` takes ``H v`` from one of: ``step(closure)`` with a closure that returns the
     loss (PSGD differentiates it with ``create_graph=True``); gradients that already carry a graph
@@ -144,6 +153,7 @@ class PSGD(Optimizer):
         precond_dtype: torch.dtype | str | None = None,
         max_dense_size: int = 8192,
         max_skew: float = 1.0,
+        rank: int = 10,
         seed: int = 0,
     ) -> None:
         defaults = dict(
@@ -162,6 +172,7 @@ class PSGD(Optimizer):
             precond_dtype=precond_dtype,
             max_dense_size=max_dense_size,
             max_skew=max_skew,
+            rank=rank,
             seed=seed,
         )
         _validate_group(dict(defaults))

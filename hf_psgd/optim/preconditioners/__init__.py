@@ -1,7 +1,20 @@
 """Preconditioner families; importing this package registers the built-in ones."""
 
 from .base import PRECONDITIONERS, Preconditioner, get_preconditioner, register_preconditioner
+from .dense import Dense
 from .diag import Diag
 from .kron import Kron
+from .lra import LRA
+from .xmat import XMat
 
-__all__ = ["PRECONDITIONERS", "Diag", "Kron", "Preconditioner", "get_preconditioner", "register_preconditioner"]
+__all__ = [
+    "LRA",
+    "PRECONDITIONERS",
+    "Dense",
+    "Diag",
+    "Kron",
+    "Preconditioner",
+    "XMat",
+    "get_preconditioner",
+    "register_preconditioner",
+]
