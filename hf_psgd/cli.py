@@ -1,0 +1,88 @@
+"""``hf-psgd``: run recipes from the command line.
+
+    hf-psgd train RECIPE.yaml [--key value ...]
+    hf-psgd compare RECIPE.yaml [--optims psgd_kron,adamw_torch] [--key value ...]
+    accelerate launch --config_file recipes/accelerate_2proc_cpu.yaml -m hf_psgd train RECIPE.yaml --use_cpu true
+
+Any recipe key can be overridden as ``--key value`` (``HfArgumentParser`` conventions);
+``hf-psgd train RECIPE.yaml --help`` lists every key of that recipe's task. A bad recipe (unknown
+key, missing file, bad value) ends with one line on stderr naming the file and the key, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+_DESCRIPTIONS = {
+    "train": "Train with a recipe; write the model, its model card (README.md) and loss curve to output_dir.",
+    "compare": "Run a recipe once per optimizer (same seed, data and steps) into output_dir/<optimizer>; write "
+    "loss_curves.png (train and eval loss against steps and time) and results.md (final metrics and time).",
+}
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="hf-psgd", description="Recipes for the PSGD optimizer on the Hugging Face stack."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{train,compare}")
+    subparsers = {}
+    for name, description in _DESCRIPTIONS.items():
+        sub = commands.add_parser(
+            name,
+            help=description.split(";")[0].split(" (")[0],
+            description=description,
+            add_help=False,
+            usage=f"hf-psgd {name} RECIPE.yaml{' [--optims NAMES]' if name == 'compare' else ''} [--key value ...]",
+            epilog="Any recipe key can be given as --key value and overrides the file; "
+            f"`hf-psgd {name} RECIPE.yaml --help` lists every key for that recipe's task.",
+        )
+        sub.add_argument("recipe", nargs="?", help="the recipe YAML file (see recipes/)")
+        sub.add_argument("-h", "--help", action="store_true", help="show this help (with RECIPE: every recipe key)")
+        if name == "compare":
+            sub.add_argument(
+                "--optims",
+                help="comma-separated optimizer names (default: the recipe's learning_rates names, "
+                "else psgd_kron,adamw_torch)",
+            )
+        subparsers[name] = sub
+    return parser, subparsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-psgd``; returns the exit code."""
+    parser, subparsers = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.help and args.recipe is None:
+        subparsers[args.command].print_help()
+        return 0
+    if args.recipe is None:
+        subparsers[args.command].print_usage(sys.stderr)
+        print(f"hf-psgd {args.command}: error: the recipe file is required", file=sys.stderr)
+        return 2
+
+    from .recipes import RecipeError, compare_recipe, format_comparison, load_recipe, train_recipe
+    from .recipes.loading import recipe_parser, recipe_task
+
+    try:
+        if args.help:
+            recipe_parser(recipe_task(args.recipe, overrides), prog=f"hf-psgd {args.command} RECIPE").print_help()
+        elif args.command == "train":
+            result = train_recipe(load_recipe(args.recipe, overrides))
+            figures = ", ".join(f"{key} {value:.4g}" for key, value in result.metrics.items())
+            print(f"hf-psgd train: {figures}; model, model card and loss curve in {result.output_dir}")
+        else:
+            optimizers = [name.strip() for name in args.optims.split(",") if name.strip()] if args.optims else None
+            results = compare_recipe(args.recipe, optimizers, overrides)
+            print(format_comparison(results))
+            print(f"hf-psgd compare: loss_curves.png and results.md in {results[0].output_dir.parent}")
+    except RecipeError as error:
+        print(f"hf-psgd: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,84 @@
+"""``hf-psgd``: help for each subcommand, and bad recipes that fail with one clear line (exit 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_psgd.cli import main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_help_of_each_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    assert "hf-psgd train RECIPE.yaml" in capsys.readouterr().out
+    assert main(["compare", "--help"]) == 0
+    assert "--optims" in capsys.readouterr().out
+
+
+def test_help_with_a_recipe_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(RECIPES / "sft_lora.yaml"), "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--learning_rates", "--model_name_or_path", "--train_file", "--optim_args", "--max_length"):
+        assert option in out, option
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("task: causal_lm\ntrain_file: corpus.txt\noutput_dir: out\nreport_to: none\n" + text)
+    (tmp_path / "corpus.txt").write_text("def f():\n    return 1\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("learnin_rate: 0.1\n", [], ["{file}: learnin_rate: unknown key (did you mean 'learning_rate'?)"]),
+        ("max_steps: many\n", [], ["{file}: max_steps: invalid int value: 'many'"]),
+        ("", ["--learning_rate", "fast"], ["command line: learning_rate: invalid float value: 'fast'"]),
+        (
+            "",
+            ["--max_stepz", "2"],
+            ["command line: max_stepz: unknown option '--max_stepz' (did you mean --max_steps?)"],
+        ),
+        ("optim: psgd_kron\noptim_args: curvature=newton\n", [], ["{file}: optim_args:", "curvature='newton'"]),
+        ("optim: adam\n", [], ["{file}: optim: 'adam' is not an optimizer; choose one of psgd_dense"]),
+        ("learning_rates: {psgd_kron: -1}\n", [], ["{file}: learning_rates: psgd_kron=-1 is invalid"]),
+        ("task: translation\n", [], ["{file}: task: 'translation' is invalid: expected one of causal_lm"]),
+        ("validation_file: missing/*.txt\n", [], ["{file}: validation_file: no file matches", "missing/*.txt"]),
+    ],
+)
+def test_bad_recipe_names_the_key_and_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, overrides: list[str], expected: list[str]
+) -> None:
+    path = _recipe(tmp_path, text)
+    assert main(["train", str(path), *overrides]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("hf-psgd: error: ") and len(captured.err.strip().splitlines()) == 1
+    assert "Traceback" not in captured.err + captured.out
+    for fragment in expected:
+        assert fragment.format(file=path) in captured.err
+
+
+def test_unknown_optimizer_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(_recipe(tmp_path, "")), "--optims", "psgd_kron,lion"]) == 2
+    assert "command line: optims: 'lion' is not an optimizer" in capsys.readouterr().err
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
+    """The real process (``python -m hf_psgd``, as under ``accelerate launch -m``)."""
+    missing = tmp_path / "missing.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_psgd", "train", str(missing)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"hf-psgd: error: command line: recipe: file not found: {missing}"

@@ -1,0 +1,206 @@
+"""The recipes in recipes/: each runs offline for a few steps and writes its model card and loss curve;
+``compare`` writes a plot and a table; each Hub recipe runs against local directories (models saved
+with ``save_pretrained``, datasets laid out like Hub repositories): the same code path as Hub names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+from hf_helpers import tiny_llama
+from huggingface_hub import ModelCard
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_psgd.cards import MODEL_CARD_TEMPLATE
+from hf_psgd.cli import main
+from hf_psgd.recipes.models import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_LLAMA = (
+    "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=2,"
+    "max_position_embeddings=64"
+)
+FEW_STEPS = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
+TINY = {
+    "causal_lm.yaml": [
+        *("--train_file", "{stdlib}/abc.py", "--validation_file", "{stdlib}/bisect.py"),
+        *("--config_overrides", TINY_LLAMA, "--tokenizer_vocab_size", "300", "--block_size", "32"),
+        *("--per_device_train_batch_size", "4", "--max_eval_samples", "8"),
+    ],
+    "text_classification.yaml": [
+        *("--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "4"),
+        *("--max_seq_length", "16"),
+    ],
+    "sft_lora.yaml": ["--max_eval_samples", "8", "--per_device_train_batch_size", "4"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads wait on each other for ms per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _card(output: Path) -> ModelCard:
+    assert (output / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
+    card = ModelCard.load(output / "README.md")
+    assert "![Train and eval loss against steps and training time](loss_curve.png)" in card.text
+    assert "## How to reproduce" in card.text and "hf-psgd train " in card.text
+    return card
+
+
+@pytest.mark.parametrize("recipe", sorted(TINY))
+def test_offline_recipe_trains_and_writes_card_and_plot(tmp_path: Path, recipe: str) -> None:
+    output = tmp_path / "run"
+    assert main(["train", str(RECIPES / recipe), *TINY[recipe], *FEW_STEPS, "--output_dir", str(output)]) == 0
+    card = _card(output)
+    assert {"hf-psgd", "psgd", "psgd_kron"} <= set(card.data.tags)
+    assert "| preconditioner family | `kron` |" in card.text
+    metrics = json.loads((output / "loss_history.json").read_text())["metrics"]
+    assert metrics["processes"] == 1 and metrics["eval_loss"] > 0
+    if recipe == "text_classification.yaml":
+        assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+        assert 0 <= metrics["eval_accuracy"] <= 1 and "accuracy" in card.data.metrics
+    if recipe == "sft_lora.yaml":  # an adapter card, with the base the adapters need
+        assert card.data.library_name == "peft" and {"lora", "trl"} <= set(card.data.tags)
+        assert "| curvature | `hvp` |" in card.text and "PeftModel.from_pretrained" in card.text
+        assert (output / "adapter_config.json").is_file() and (output / "base_model" / "config.json").is_file()
+        assert 0 <= metrics["eval_exact_match"] <= 1
+
+
+def test_compare_writes_plot_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(RECIPES / "causal_lm.yaml")
+    arguments = ["compare", recipe, "--optims", "psgd_kron,adamw_torch", *TINY["causal_lm.yaml"], *FEW_STEPS]
+    assert main([*arguments, "--output_dir", str(tmp_path)]) == 0
+    assert (tmp_path / "loss_curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0].startswith("| optimizer | learning rate | train loss | loss | perplexity |")
+    assert table[2].startswith("| `psgd_kron` | 0.005 |") and table[3].startswith("| `adamw_torch` | 0.002 |")
+    assert "| `adamw_torch` | 0.002 |" in capsys.readouterr().out
+    baseline = _card(tmp_path / "adamw_torch")
+    assert "psgd" not in baseline.data.tags and "--optim adamw_torch" in baseline.text
+
+
+# ---------------------------------------------------------------------------------------- Hub paths
+
+
+def _save_llama(path: Path, texts: list[str]) -> Path:
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=64)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _run_hub_recipe(recipe: str, model: Path, data: Path, output: Path, *overrides: str) -> ModelCard:
+    arguments = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(output)]
+    assert main(["train", str(RECIPES / recipe), *arguments, *FEW_STEPS, "--bf16", "false", *overrides]) == 0
+    card = _card(output)
+    assert card.data.base_model is None and f"`{model}`" in card.text  # a local model is no Hub base_model
+    return card
+
+
+def test_causal_lm_hub_recipe_with_local_model_and_dataset(tmp_path: Path) -> None:
+    texts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(40)]
+    model = _save_llama(tmp_path / "model", texts)
+    _write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": text} for text in texts[:30]])
+    _write_jsonl(tmp_path / "data" / "validation.jsonl", [{"text": text} for text in texts[30:]])
+    overrides = ["--block_size", "16", "--per_device_train_batch_size", "2", "--max_eval_samples", "4"]
+    _run_hub_recipe("causal_lm_hub.yaml", model, tmp_path / "data", tmp_path / "out", *overrides)
+
+
+def test_text_classification_hub_recipe_with_local_model_and_dataset(tmp_path: Path) -> None:
+    rows = [{"sentence": f"the film was {word}", "label": int(word == "good")} for word in ("good", "bad") * 8]
+    tokenizer = train_tokenizer([row["sentence"] for row in rows], vocab_size=300)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=tokenizer.pad_token_id, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    _write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "data" / "validation.jsonl", rows[:4])
+    overrides = ["--per_device_train_batch_size", "4", "--max_seq_length", "8"]
+    card = _run_hub_recipe(
+        "text_classification_hub.yaml", tmp_path / "model", tmp_path / "data", tmp_path / "out", *overrides
+    )
+    assert "accuracy" in card.data.metrics
+
+
+def test_sft_hub_recipe_with_local_model_and_configured_dataset(tmp_path: Path) -> None:
+    """A dataset directory with a ``main`` configuration in its README, as openai/gsm8k has on the Hub."""
+    sums = [(a, b, a + b) for a in range(4) for b in range(4)]
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {c}\n#### {c}"} for a, b, c in sums]
+    model = _save_llama(tmp_path / "model", [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows])
+    data = tmp_path / "data"
+    _write_jsonl(data / "main" / "train.jsonl", rows[4:])
+    _write_jsonl(data / "main" / "test.jsonl", rows[:4])
+    (data / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
+        "  - split: test\n    path: main/test.jsonl\n---\n"
+    )
+    assert load_dataset(str(data), "main")["test"].num_rows == 4
+    overrides = ["--max_length", "48", "--max_new_tokens", "4", "--per_device_train_batch_size", "4"]
+    card = _run_hub_recipe("sft_lora_hub.yaml", model, data, tmp_path / "out", *overrides)
+    assert card.data.library_name == "peft" and f'from_pretrained("{model}")' in card.text
+
+
+# ---------------------------------------------------------------------------------------- packaging, processes
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_card_template_and_metric_modules(tmp_path: Path) -> None:
+    """A non-editable install finds the template and metrics: they are inside the package."""
+    assert MODEL_CARD_TEMPLATE.is_relative_to(ROOT / "hf_psgd")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hf_psgd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"hf_psgd/templates/model_card.md", "hf_psgd/recipes/metrics/accuracy.py"} <= names
+    assert any(name.endswith("entry_points.txt") for name in names)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_accelerate_launch_runs_the_recipe_on_two_processes(tmp_path: Path) -> None:
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--config_file", str(RECIPES / "accelerate_2proc_cpu.yaml")),
+        *("-m", "hf_psgd", "train", str(RECIPES / "causal_lm.yaml"), "--use_cpu", "true"),
+        *TINY["causal_lm.yaml"], *FEW_STEPS, "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((tmp_path / "loss_history.json").read_text())["metrics"]["processes"] == 2
+    assert "| processes | 2 |" in _card(tmp_path).text
