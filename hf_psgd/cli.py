@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-psgd {args.command}: error: the recipe file is required", file=sys.stderr)
         return 2
 
+    from .distributed import end_multiprocess_run
     from .recipes import RecipeError, compare_recipe, format_comparison, load_recipe, train_recipe
     from .recipes.loading import recipe_parser, recipe_task
 
@@ -85,4 +86,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as error:
         print(f"hf-psgd: error: {error}", file=sys.stderr)
         return 2
+    end_multiprocess_run()
     return 0

@@ -16,12 +16,11 @@ all-reduce, as DDP would, before Trainer clips the gradient and calls ``optimize
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_mean_, is_multiprocess
 from ..optim import PSGD
 
 __all__ = ["HVPBackward", "check_twice_differentiable", "reentrant_checkpointing_modules"]
@@ -114,23 +113,9 @@ class HVPBackward:
 
     def finish(self) -> None:
         """After the last micro-batch: average over processes, hand ``H v`` to the optimizer."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_multiprocess():
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            _all_reduce_mean([p.grad for p in self.params] + list(self.products.values()))
+            all_reduce_mean_([p.grad for p in self.params] + list(self.products.values()))
         self.optimizer.accumulate_hvp(self.products)
-
-
-def _all_reduce_mean(tensors: Iterable[Tensor]) -> None:
-    """Average tensors over all processes with one flattened all-reduce per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for tensor in tensors:
-        by_dtype.setdefault(tensor.dtype, []).append(tensor)
-    world = dist.get_world_size()
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        for tensor, chunk in zip(group, flat.split([t.numel() for t in group])):
-            tensor.copy_(chunk.view_as(tensor))

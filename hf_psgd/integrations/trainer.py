@@ -9,6 +9,8 @@ Compose :class:`PSGDTrainerMixin` with any Trainer subclass (placed first in the
   ``create_graph``, ``H v`` for one probe per step, graph freed per micro-batch), runs attention on
   the twice-differentiable math SDPA backend, keeps DDP's reducer out of it and averages ``[g, H v]``
   over processes itself; other steps are Trainer's own;
+* under multi-process training, gathers PSGD's sharded preconditioner state before Trainer saves
+  ``optimizer.pt`` (the checkpoint is the same at every world size and resumes at any other);
 * adds PSGD's figures (``psgd/precond_updates``, ``psgd/skipped_steps``, ``psgd/update_prob``,
   ``psgd/precond_scale_min|max``) to the training logs.
 
@@ -80,6 +82,14 @@ class PSGDTrainerMixin:
             backward.finish()
             self._psgd_hvp_backward = None
         return loss
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Gather sharded preconditioner state first: Trainer calls this on every process but
+        ``optimizer.state_dict()`` on the main one only (see ``PSGD.consolidate_state_dict``)."""
+        optimizer = unwrap_psgd(getattr(self, "optimizer", None))
+        if optimizer is not None:
+            optimizer.consolidate_state_dict()
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         optimizer = unwrap_psgd(getattr(self, "optimizer", None))

@@ -25,16 +25,25 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..distributed import (
+    PreconditionerSharding,
+    all_reduce_mean_,
+    assign_owners,
+    is_multiprocess,
+    reject_sharded_parameters,
+)
 from .curvature import CURVATURES, differentiate, finite_difference_hvp, hessian_vector_products, probe_seed
 from .preconditioners import Preconditioner, get_preconditioner
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability, validate_schedule
 
 __all__ = ["PSGD"]
 
+#: the per-block state every rank keeps under sharding (the update schedule must agree everywhere)
+_SCHEDULE_COUNTERS = ("step", "skipped_steps", "update_credit")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _dtype_name(value: Any) -> str | None:
+def _dtype_name(value: Any, name: str = "precond_dtype") -> str | None:
     if value is None:
         return None
     if isinstance(value, torch.dtype):
@@ -43,7 +52,7 @@ def _dtype_name(value: Any) -> str | None:
                 return name
     elif isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return value.removeprefix("torch.")
-    raise ValueError(f"precond_dtype={value!r} is invalid: expected None or one of {sorted(_DTYPES)}")
+    raise ValueError(f"{name}={value!r} is invalid: expected None or one of {sorted(_DTYPES)}")
 
 
 def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
@@ -127,6 +136,20 @@ class PSGD(Optimizer):
         rank: rank of the low-rank part of ``preconditioner="lra"`` (0: diagonal).
         seed: seed of the probe vectors (a pure function of seed, parameter index and step) and of
             LRA's random initial ``U``.
+        shard_preconditioners: in a multi-process job, give every preconditioner block one owner
+            rank (balanced by memory, update FLOPs and update size, see :func:`hf_psgd.distributed.assign_owners`)
+            that alone holds its preconditioner and momentum and computes its update; one
+            ``all_gather`` per step shares the updates. ``None``: on when ``torch.distributed`` is
+            initialised with more than one process. The whole-vector families (one block per param
+            group) put each param group on one rank. Gradients must already be averaged (DDP);
+            ``H v`` and gradients that PSGD computes itself are averaged over the processes.
+        communication_dtype: dtype of the exchanged updates (``None``: float32, float64 when a
+            parameter is float64); every rank, owner included, applies the communicated values.
+
+    Under sharding, ``state_dict()`` needs :meth:`consolidate_state_dict` on every process first
+    (a collective; ``PSGDTrainer`` does it when it saves); the result is the same world-size
+    independent state that a single process saves, and ``load_state_dict`` takes it at any world
+    size. :meth:`statistics` covers this process's blocks.
 
     Curvature ``"hvp"`` takes ``H v`` from one of: ``step(closure)`` with a closure that returns the
     loss (PSGD differentiates it with ``create_graph=True``); gradients that already carry a graph
@@ -155,6 +178,8 @@ class PSGD(Optimizer):
         max_skew: float = 1.0,
         rank: int = 10,
         seed: int = 0,
+        shard_preconditioners: bool | None = None,
+        communication_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -180,7 +205,27 @@ class PSGD(Optimizer):
         self._handed_hvp: dict[Tensor, Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned_nonfinite = False
+        self._owners: dict[Tensor, int] | None = None
+        self._sharding: PreconditionerSharding | None = None
+        self._consolidated: dict[str, Any] | None = None
         super().__init__(params, defaults)
+        self._sharding = self._make_sharding(shard_preconditioners, communication_dtype)
+
+    def _make_sharding(self, shard: Any, communication_dtype: Any) -> PreconditionerSharding | None:
+        _check("shard_preconditioners", shard, shard in (None, True, False), "None (automatic), True or False")
+        dtype_name = _dtype_name(communication_dtype, "communication_dtype")
+        if shard is None:
+            shard = is_multiprocess()
+        elif shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(
+                "shard_preconditioners=True is invalid here: it needs an initialised torch.distributed process "
+                "group (accelerate launch, torchrun or init_process_group); expected None (automatic) or False"
+            )
+        if not shard:
+            return None
+        params = [p for group in self.param_groups for p in group["params"]]
+        default = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        return PreconditionerSharding(None, _DTYPES[dtype_name] if dtype_name else default)
 
     # ----------------------------------------------------------------------------- groups, blocks
 
@@ -188,6 +233,8 @@ class PSGD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_group(group)
+        reject_sharded_parameters(group["params"])
+        self._owners = None
         for p in group["params"]:
             self._param_index.setdefault(p, len(self._param_index))
 
@@ -201,6 +248,20 @@ class PSGD(Optimizer):
         if self._family(group).scope == "tensor":
             return [[p] for p in params]
         return [params] if params else []
+
+    def _block_owners(self) -> dict[Tensor, int]:
+        """Owner rank of every block (keyed by the block's first parameter); all 0 unsharded."""
+        blocks = [(group, block) for group in self.param_groups for block in self._blocks(group)]
+        if self._owners is None or any(block[0] not in self._owners for _, block in blocks):
+            world = self._sharding.world_size if self._sharding is not None else 1
+            costs = [self._family(group).cost(self._block_shape(block), group) for group, block in blocks]
+            numels = [self._block_shape(block).numel() for _, block in blocks]
+            ranks = assign_owners([m for m, _ in costs], [f for _, f in costs], numels, world)
+            self._owners = {block[0]: rank for (_, block), rank in zip(blocks, ranks)}
+        return self._owners
+
+    def _owns(self, block: list[Tensor]) -> bool:
+        return self._sharding is None or self._block_owners()[block[0]] == self._sharding.rank
 
     @staticmethod
     def _gather(block: list[Tensor], tensors: Mapping[Tensor, Tensor]) -> Tensor:
@@ -226,18 +287,20 @@ class PSGD(Optimizer):
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
     def _init_block_state(self, group: dict[str, Any], block: list[Tensor]) -> dict[str, Any]:
+        """The block's state, created on first use: the schedule counters on every rank; the
+        preconditioner and momentum only on the block's owner."""
         state = self.state[block[0]]
         if state:
+            return state
+        state.update(step=0, skipped_steps=0, update_credit=1.0 - update_probability(group["precond_update_prob"], 0))
+        if not self._owns(block):
             return state
         shape = self._block_shape(block)
         first = block[0]
         state.update(self._family(group).init_state(shape, group, self._state_dtype(group, first), first.device))
         if group["momentum"] > 0:
             state["momentum"] = torch.zeros(shape, dtype=first.dtype, device=first.device)
-        state["step"] = 0
         state["precond_updates"] = 0
-        state["skipped_steps"] = 0
-        state["update_credit"] = 1.0 - update_probability(group["precond_update_prob"], 0)
         state["scale_pending"] = group["precond_init_scale"] is None
         if group["precond_init_scale"] is not None:
             scale = torch.tensor(float(group["precond_init_scale"]), device=first.device)
@@ -268,13 +331,14 @@ class PSGD(Optimizer):
         ``precond_updates`` (fits done), ``skipped_steps`` (non-finite steps skipped, per block
         count of the most-skipped block), ``update_prob`` (largest current update probability) and
         ``precond_scale_min`` / ``precond_scale_max`` (range of ``tr(P) / n``: a health figure that
-        shows a preconditioner collapsing or blowing up). One host sync; meant for logging steps."""
+        shows a preconditioner collapsing or blowing up). One host sync; meant for logging steps.
+        Under sharding: this process's blocks only (no collective)."""
         updates, skipped, probability, scales = 0, 0, 0.0, []
         for group in self.param_groups:
             family = self._family(group)
             for block in self._blocks(group):
                 state = self.state.get(block[0])
-                if not state:
+                if not state or not self._owns(block):
                     continue
                 updates += state["precond_updates"]
                 skipped = max(skipped, state["skipped_steps"])
@@ -341,6 +405,7 @@ class PSGD(Optimizer):
         ``backward()`` (PSGD differentiates it); with ``"whiten"`` it follows the usual
         ``torch.optim`` convention (zero the gradients, backward, return the loss).
         """
+        self._consolidated = None
         plans = []  # (group, block, fits the preconditioner this step)
         for group in self.param_groups:
             for block in self._blocks(group):
@@ -363,6 +428,8 @@ class PSGD(Optimizer):
                 if g.requires_grad:
                     graph_grads[p] = g
                 p.grad = g.detach()
+            if self._sharding is not None:
+                all_reduce_mean_([p.grad for p in params])
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -381,8 +448,12 @@ class PSGD(Optimizer):
         if not self._all_finite(list(grads.values()) + list(products.values())):
             self._skip(plans)
             return loss
-        for group in self.param_groups:
-            self._apply(group, [(b, fits) for g, b, fits in plans if g is group], grads, products)
+        updates: dict[Tensor, Tensor] = {}
+        for group, block, fits in plans:
+            update = self._block_update(group, block, fits, grads, products)
+            if update is not None:
+                updates[block[0]] = update
+        self._apply_updates(plans, updates)
         return loss
 
     def _curvature_products(self, plans, need_h, grads, graph_grads, handed, closure) -> dict[Tensor, Tensor]:
@@ -424,6 +495,8 @@ class PSGD(Optimizer):
             params = [p for p, _ in from_fd]
             hv = finite_difference_hvp(closure, params, [grads[p] for p in params], [v for _, v in from_fd])
             products.update(zip(params, hv))
+        if self._sharding is not None and (from_graph or from_fd):
+            all_reduce_mean_([products[p] for p, _ in from_graph + from_fd])
         return products
 
     @staticmethod
@@ -446,41 +519,57 @@ class PSGD(Optimizer):
                 stacklevel=3,
             )
 
-    def _apply(self, group: dict[str, Any], blocks, grads, products) -> None:
-        """Momentum, preconditioner fit, preconditioning, guard and parameter update for one group."""
+    def _block_update(self, group, block, fits, grads, products) -> Tensor | None:
+        """Advance the block's schedule counters; on its owner also the momentum, the fit and the
+        guarded update ``u = P m`` (block-shaped), which is returned (``None`` elsewhere)."""
+        state = self._init_block_state(group, block)
+        step = state["step"]
+        probability = update_probability(group["precond_update_prob"], step)
+        state["update_credit"] += probability - (1.0 if fits else 0.0)
+        state["step"] = step + 1
+        if not self._owns(block):
+            return None
         family = self._family(group)
-        beta = group["momentum"]
-        params, updates = [], []
-        for block, fits in blocks:
-            state = self._init_block_state(group, block)
-            step = state["step"]
-            g = self._gather(block, grads)
-            direction = g
-            if beta > 0:
-                direction = state["momentum"].lerp_(g, 1.0 - min(beta, step / (step + 1)))
-            if fits:
-                self._fit(group, family, state, block, g, direction, products)
-            probability = update_probability(group["precond_update_prob"], step)
-            state["update_credit"] += probability - (1.0 if fits else 0.0)
-            state["step"] = step + 1
-            update = family.precondition(state, direction)
-            if group["max_update_rms"] is not None:
-                limit = group["max_update_rms"] * math.sqrt(update.numel())
-                update.mul_((limit / update.norm().clamp_min(1e-30)).clamp(max=1.0))
-            params.extend(block)
-            updates.extend(self._scatter(block, update))
-        if not params:
-            return
-        if group["weight_decay"] > 0:
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        updates = [u.to(p.dtype) for u, p in zip(updates, params)]
-        torch._foreach_add_(params, updates, alpha=-group["lr"])
+        g = self._gather(block, grads)
+        direction = g
+        if group["momentum"] > 0:
+            direction = state["momentum"].lerp_(g, 1.0 - min(group["momentum"], step / (step + 1)))
+        if fits:
+            self._fit(group, family, state, block, g, direction, products, step)
+        update = family.precondition(state, direction)
+        if group["max_update_rms"] is not None:
+            limit = group["max_update_rms"] * math.sqrt(update.numel())
+            update.mul_((limit / update.norm().clamp_min(1e-30)).clamp(max=1.0))
+        return update
 
-    def _fit(self, group, family, state, block, g, direction, products) -> None:
+    def _apply_updates(self, plans, updates: dict[Tensor, Tensor]) -> None:
+        """Share the owners' updates (sharded: one ``all_gather``), then ``theta <- theta (1 - lr
+        wd) - lr u`` for every block of every group."""
+        if self._sharding is not None:
+            owners = self._block_owners()
+            blocks = [block for _, block, _ in plans]
+            mine = {i: updates[block[0]] for i, block in enumerate(blocks) if block[0] in updates}
+            numels = [self._block_shape(block).numel() for block in blocks]
+            shared = self._sharding.exchange(numels, [owners[block[0]] for block in blocks], mine)
+            updates = {block[0]: u.view(self._block_shape(block)) for block, u in zip(blocks, shared)}
+        for group in self.param_groups:
+            params, deltas = [], []
+            for owner_group, block, _ in plans:
+                if owner_group is group:
+                    params.extend(block)
+                    deltas.extend(self._scatter(block, updates[block[0]]))
+            if not params:
+                continue
+            if group["weight_decay"] > 0:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            deltas = [u.to(p.dtype) for u, p in zip(deltas, params)]
+            torch._foreach_add_(params, deltas, alpha=-group["lr"])
+
+    def _fit(self, group, family, state, block, g, direction, products, step: int) -> None:
         whiten = group["curvature"] == "whiten"
         v = None
         if not (whiten and family.integrates_probe):
-            v = self._gather(block, {p: self._probe(p, group, state["step"]) for p in block})
+            v = self._gather(block, {p: self._probe(p, group, step) for p in block})
         if whiten:
             h = direction if group["whiten_momentum"] else g
         else:
@@ -501,15 +590,51 @@ class PSGD(Optimizer):
 
     # ----------------------------------------------------------------------------- state dict
 
+    def _owned_state_params(self) -> set[Tensor]:
+        """The parameters that key the state of blocks this process owns."""
+        return {block[0] for group in self.param_groups for block in self._blocks(group) if self._owns(block)}
+
+    def consolidate_state_dict(self) -> None:
+        """Under sharding, gather every owner's state so that :meth:`state_dict` returns the full
+        state on every process until the next ``step()``. A collective: call it on every process.
+        Without sharding it does nothing."""
+        if self._sharding is None:
+            return
+        local = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        owned = self._owned_state_params()
+        mine = {index: state for index, state in local["state"].items() if params[index] in owned}
+        self._consolidated = {"state": self._sharding.gather_states(mine), "param_groups": local["param_groups"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state in the format of ``torch.optim``; the same at every world size. Under
+        sharding it is the one gathered by the last :meth:`consolidate_state_dict` (before any
+        later ``step()``), unless no step has made any state yet."""
+        if self._sharding is None or not any(self.state.values()):  # nothing sharded yet (Accelerate's prepare)
+            return super().state_dict()
+        if self._consolidated is None:
+            raise RuntimeError(
+                f"PSGD's preconditioners are sharded over {self._sharding.world_size} processes: call "
+                "optimizer.consolidate_state_dict() on every process first (a collective), then state_dict() on any "
+                "of them. PSGDTrainer does this when it saves a checkpoint; with Accelerate, call it before "
+                "accelerator.save_state(); or build PSGD with shard_preconditioners=False."
+            )
+        return self._consolidated
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like ``Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (the base
         class casts floating state to the parameter dtype, which would round an fp32
-        preconditioner of a bf16 parameter)."""
+        preconditioner of a bf16 parameter). Takes a state saved at any world size; under sharding
+        this process keeps the full state of its own blocks and the schedule counters of the rest."""
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = [p for group in self.param_groups for p in group["params"]]
+        owned = self._owned_state_params() if self._sharding is not None else None
+        self._consolidated = None
         for index, value in saved_state.items():
             param = params[index]
+            if owned is not None and param not in owned:
+                value = {key: value[key] for key in _SCHEDULE_COUNTERS}
             self.state[param] = _copy_to_device(value, param.device)
 
 

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_helpers import tiny_llama, token_dataset  # noqa: E402
 
 from hf_psgd import PSGDTrainer, PSGDTrainingArguments  # noqa: E402
+from hf_psgd.distributed import end_multiprocess_run  # noqa: E402
 
 
 def main(out: Path, optim_args: str) -> None:
@@ -36,6 +37,7 @@ def main(out: Path, optim_args: str) -> None:
     torch.save(
         {"world": world, "params": {n: p.detach() for n, p in trainer.model.named_parameters()}}, out / f"rank{rank}.pt"
     )
+    end_multiprocess_run()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,12 @@ class Preconditioner(ABC):
     def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
         """``tr(P) / n``: a cheap scale of the preconditioner for health logs (0-dim tensor)."""
 
+    @classmethod
+    @abstractmethod
+    def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
+        """``(state elements, FLOPs of one fit plus one preconditioning)`` for a block of ``shape``,
+        up to constant factors: the cost model that balances sharded preconditioners over ranks."""
+
 
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {}
 

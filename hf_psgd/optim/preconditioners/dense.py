@@ -59,6 +59,11 @@ class Dense(Preconditioner):
         }
 
     @classmethod
+    def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
+        n = shape.numel()
+        return float(n * n), 2.0 * n**3
+
+    @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
         q = state["Q"]
         q.copy_(torch.eye(q.shape[0], dtype=q.dtype, device=q.device) * scale)

@@ -39,6 +39,10 @@ class Diag(Preconditioner):
         return {"q": torch.ones(shape, dtype=dtype, device=device)}
 
     @classmethod
+    def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
+        return float(shape.numel()), 10.0 * shape.numel()
+
+    @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
         state["q"].fill_(scale)
 

@@ -70,6 +70,20 @@ class Kron(Preconditioner):
         }
 
     @classmethod
+    def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
+        shape = _work_shape(shape)
+        numel = shape.numel()
+        memory, flops = 0.0, 0.0
+        for n in shape:
+            if factor_is_dense(n, numel, options["max_dense_size"], options["max_skew"]):
+                memory += 2 * n * n  # Q and the cached P
+                flops += 4 * numel * n + 10 * n**3  # Gram and product along the dim, triangular algebra
+            else:
+                memory += 2 * n
+                flops += 4 * numel
+        return memory, flops
+
+    @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
         factor_scale = scale ** (1.0 / len(state["Q"]))
         for q in state["Q"]:

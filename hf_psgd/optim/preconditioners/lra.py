@@ -76,6 +76,12 @@ class LRA(Preconditioner):
         }
 
     @classmethod
+    def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
+        n = shape.numel()
+        rank = min(options["rank"], n)
+        return float(n * (2 * rank + 1)), 20.0 * n * rank + 10.0 * n
+
+    @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
         state["d"].fill_(scale)
         state["V"].zero_()

@@ -62,6 +62,10 @@ class XMat(Preconditioner):
         return {"a": torch.ones(n, dtype=dtype, device=device), "b": torch.zeros(n, dtype=dtype, device=device)}
 
     @classmethod
+    def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
+        return 2.0 * shape.numel(), 20.0 * shape.numel()
+
+    @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
         state["a"].fill_(scale)
         state["b"].zero_()

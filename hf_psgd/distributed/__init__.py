@@ -1,0 +1,19 @@
+"""Sharding PSGD's preconditioners over the processes of a ``torch.distributed`` job.
+
+Knows ``torch.distributed``, not transformers and not the preconditioner math: the optimizer shell
+(:mod:`hf_psgd.optim.psgd`) hands it block sizes and costs and asks whose block is whose, then
+exchanges the owners' updates through it. A single process needs none of this.
+"""
+
+from .collectives import all_reduce_mean_, end_multiprocess_run, is_multiprocess
+from .ownership import assign_owners
+from .sharding import PreconditionerSharding, reject_sharded_parameters
+
+__all__ = [
+    "PreconditionerSharding",
+    "all_reduce_mean_",
+    "assign_owners",
+    "end_multiprocess_run",
+    "is_multiprocess",
+    "reject_sharded_parameters",
+]

@@ -1,0 +1,125 @@
+"""Run under ``torchrun --nproc_per_node 2`` (gloo on CPU) with one PSGD configuration, e.g.
+``preconditioner=kron,curvature=hvp``. Every rank trains the same tiny transformer twice on the same
+20 global batches: once as a single process would (unsharded PSGD, whole batches) and once sharded
+(its half of each batch). It checkpoints both after 10 steps (the sharded one through
+``Accelerator.save_state``), resumes 2 -> 1 and 1 -> 2, and writes OUT/rank<r>.pt with the final
+parameters of every run, per-rank preconditioner bytes and the owners."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import TinyTransformer, copy_task_batch, lm_loss  # noqa: E402
+
+from hf_psgd import PSGD  # noqa: E402
+from hf_psgd.distributed import all_reduce_mean_, end_multiprocess_run  # noqa: E402
+
+STEPS, HALF = 20, 10
+
+
+def parse(options: str) -> dict:
+    pairs = dict(item.split("=") for item in options.split(","))
+    return {"preconditioner": pairs["preconditioner"], "curvature": pairs["curvature"]}
+
+
+def make_optimizer(model: torch.nn.Module, options: dict, shard: bool) -> PSGD:
+    return PSGD(model.parameters(), lr=0.02, precond_update_prob=0.5, shard_preconditioners=shard, **options)
+
+
+def train(model, optimizer, batches, curvature: str, shard: bool) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for tokens in batches:
+        tokens = tokens.chunk(world)[rank] if shard else tokens
+        if curvature == "whiten":  # plain loop: average gradients as DDP would
+            optimizer.zero_grad()
+            lm_loss(model, tokens).backward()
+            if shard:
+                all_reduce_mean_([p.grad for p in model.parameters()])
+            optimizer.step()
+        else:  # PSGD differentiates the closure and averages g and H v itself
+            optimizer.step(lambda tokens=tokens: lm_loss(model, tokens))
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def preconditioner_bytes(optimizer: PSGD) -> list[int]:
+    """Bytes of preconditioner tensors (momentum and counters excluded) per state entry."""
+    sizes = []
+    for state in optimizer.state.values():
+        tensors = [t for key, value in state.items() if key != "momentum" for t in _tensors(value)]
+        sizes.append(sum(t.numel() * t.element_size() for t in tensors))
+    return sizes
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def main(out: Path, options: dict) -> None:
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    generator = torch.Generator().manual_seed(0)
+    batches = [copy_task_batch(generator, batch=8) for _ in range(STEPS)]
+    torch.manual_seed(0)
+    initial = TinyTransformer()
+    curvature = options["curvature"]
+
+    single = copy.deepcopy(initial)
+    single_opt = make_optimizer(single, options, shard=False)
+    train(single, single_opt, batches[:HALF], curvature, shard=False)
+    single_half, single_half_state = params(single), copy.deepcopy(single_opt.state_dict())
+    train(single, single_opt, batches[HALF:], curvature, shard=False)
+
+    sharded = copy.deepcopy(initial)
+    sharded_opt = accelerator.prepare(make_optimizer(sharded, options, shard=True))
+    train(sharded, sharded_opt, batches[:HALF], curvature, shard=True)
+    sharded_half = params(sharded)
+    sharded_opt.optimizer.consolidate_state_dict()
+    accelerator.save_state(str(out / "sharded_checkpoint"))
+    accelerator.wait_for_everyone()
+    memory = preconditioner_bytes(sharded_opt.optimizer)
+    train(sharded, sharded_opt, batches[HALF:], curvature, shard=True)
+
+    resumer = Accelerator(cpu=True)  # resume 2 -> 1: the sharded checkpoint into a single-process optimizer
+    two_to_one = copy.deepcopy(initial)
+    two_to_one.load_state_dict(sharded_half)
+    two_to_one_opt = resumer.prepare(make_optimizer(two_to_one, options, shard=False))
+    resumer.load_state(str(out / "sharded_checkpoint"))
+    train(two_to_one, two_to_one_opt, batches[HALF:], curvature, shard=False)
+
+    one_to_two = copy.deepcopy(initial)  # resume 1 -> 2: the single-process state into a sharded optimizer
+    one_to_two.load_state_dict(single_half)
+    one_to_two_opt = make_optimizer(one_to_two, options, shard=True)
+    one_to_two_opt.load_state_dict(single_half_state)
+    train(one_to_two, one_to_two_opt, batches[HALF:], curvature, shard=True)
+
+    torch.save(
+        {
+            "single": params(single),
+            "sharded": params(sharded),
+            "two_to_one": params(two_to_one),
+            "one_to_two": params(one_to_two),
+            "rank_preconditioner_bytes": sum(memory),
+            "all_preconditioner_bytes": preconditioner_bytes(single_opt),
+            "owners": sorted(set(sharded_opt.optimizer._block_owners().values())),
+        },
+        out / f"rank{rank}.pt",
+    )
+    end_multiprocess_run()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), parse(sys.argv[2]))

@@ -1,0 +1,223 @@
+"""Sharded preconditioners: ownership, the sharded state dict, FSDP rejection (in-process, with a
+one-process gloo group), and equivalence with a single process (two processes: torchrun and
+``accelerate launch``)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import TinyTransformer, copy_task_batch, lm_loss
+from test_multiprocess import LAUNCHER
+from torch import nn
+
+from hf_psgd import PSGD
+from hf_psgd.distributed import assign_owners
+
+LAUNCH = Path(__file__).parent / "launch"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+def test_owners_balance_memory_flops_and_size_deterministically() -> None:
+    memory = [100.0, 1.0, 1.0, 50.0, 50.0, 1.0]
+    flops = [1000.0, 10.0, 10.0, 500.0, 500.0, 10.0]
+    numels = [10.0, 1.0, 1.0, 5.0, 5.0, 1.0]
+    owners = assign_owners(memory, flops, numels, world_size=2)
+    assert owners == assign_owners(memory, flops, numels, world_size=2)
+    assert owners[0] != owners[3] == owners[4]  # the big block alone, the two halves together
+    load = [sum(m for m, r in zip(memory, owners) if r == rank) for rank in (0, 1)]
+    assert max(load) <= sum(memory) / 2 + max(memory)
+    assert assign_owners(memory, flops, numels, world_size=1) == [0] * 6
+    assert sorted(set(assign_owners([1.0] * 8, [1.0] * 8, [1.0] * 8, world_size=4))) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="one of each per block"):
+        assign_owners([1.0], [1.0, 2.0], [1.0], world_size=2)
+
+
+@pytest.mark.parametrize("world_size", [0, -1])
+def test_owners_reject_bad_world_size(world_size: int) -> None:
+    with pytest.raises(ValueError, match="world_size"):
+        assign_owners([1.0], [1.0], [1.0], world_size)
+
+
+# ----------------------------------------------------------------------------- one-process group
+
+
+@pytest.fixture
+def process_group():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _train(model: nn.Module, opt: PSGD, steps: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens = copy_task_batch(gen)
+        opt.step(lambda tokens=tokens: lm_loss(model, tokens))
+
+
+def test_shard_preconditioners_needs_a_process_group() -> None:
+    with pytest.raises(ValueError, match="shard_preconditioners=True"):
+        PSGD(nn.Linear(2, 2).parameters(), shard_preconditioners=True)
+    with pytest.raises(ValueError, match="shard_preconditioners='yes'"):
+        PSGD(nn.Linear(2, 2).parameters(), shard_preconditioners="yes")
+    assert PSGD(nn.Linear(2, 2).parameters())._sharding is None  # automatic: off without processes
+
+
+@pytest.mark.usefixtures("process_group")
+def test_sharded_state_dict_needs_consolidation_and_equals_the_unsharded_one() -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    twin = copy.deepcopy(model)
+    sharded = PSGD(model.parameters(), lr=0.02, curvature="hvp", shard_preconditioners=True)
+    plain = PSGD(twin.parameters(), lr=0.02, curvature="hvp", shard_preconditioners=False)
+    assert sharded.state_dict()["state"] == {}  # nothing sharded yet: Accelerate's prepare calls this
+    _train(model, sharded, 3)
+    _train(twin, plain, 3)
+    with pytest.raises(RuntimeError, match="consolidate_state_dict"):
+        sharded.state_dict()
+    sharded.consolidate_state_dict()
+    full, reference = sharded.state_dict(), plain.state_dict()
+    assert full["param_groups"] == reference["param_groups"]
+    _assert_identical(full["state"], reference["state"])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    _train(model, sharded, 1, seed=1)
+    with pytest.raises(RuntimeError, match="consolidate_state_dict"):
+        sharded.state_dict()  # a step makes the gathered state stale
+
+
+def _assert_identical(got, want) -> None:
+    assert type(got) is type(want)
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            _assert_identical(got[key], want[key])
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            _assert_identical(a, b)
+    else:
+        assert got == want
+
+
+@pytest.mark.usefixtures("process_group")
+def test_exchange_packs_owner_updates_in_the_communication_dtype() -> None:
+    from hf_psgd.distributed import PreconditionerSharding
+
+    sharding = PreconditionerSharding(None, torch.bfloat16)
+    updates = {0: torch.randn(3, 4), 1: torch.randn(5)}
+    shared = sharding.exchange([12, 5], [0, 0], updates)
+    assert sharding.last_shard_numel == 17
+    for index, update in updates.items():
+        assert shared[index].dtype == torch.bfloat16
+        assert torch.equal(shared[index], update.reshape(-1).to(torch.bfloat16))
+
+
+@pytest.mark.usefixtures("process_group")
+def test_communication_dtype_rounds_the_applied_update() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="communication_dtype='int8'"):
+        PSGD(layer.parameters(), shard_preconditioners=True, communication_dtype="int8")
+    twin = copy.deepcopy(layer)
+    rounded = PSGD(layer.parameters(), lr=1.0, shard_preconditioners=True, communication_dtype=torch.bfloat16)
+    exact = PSGD(twin.parameters(), lr=1.0, shard_preconditioners=False)
+    before = [p.detach().clone() for p in layer.parameters()]
+    inputs = torch.randn(4, 8)
+    for module, opt in ((layer, rounded), (twin, exact)):
+        module(inputs).square().sum().backward()
+        opt.step()
+    for p, q, old in zip(layer.parameters(), twin.parameters(), before):
+        exact_update = old - q.detach()
+        assert not torch.equal(p, q)
+        assert torch.allclose(old - p.detach(), exact_update, rtol=2**-8, atol=1e-7)
+
+
+@pytest.mark.usefixtures("process_group")
+def test_fsdp2_dtensor_parameters_are_rejected_with_alternatives() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="DTensor.*DDP"):
+        PSGD([weight])
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _rank_results(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def _relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||got - want|| / ||want||."""
+    return max(((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-30)).item() for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "options",
+    [
+        "preconditioner=kron,curvature=whiten",
+        "preconditioner=kron,curvature=hvp",
+        "preconditioner=diag,curvature=whiten",
+        "preconditioner=lra,curvature=hvp",
+    ],
+)
+def test_two_sharded_processes_match_one_and_resume_across_world_sizes(tmp_path: Path, options: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += [str(LAUNCH / "sharded_equivalence.py"), str(tmp_path), options]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = _rank_results(tmp_path)
+    for run in ("sharded", "two_to_one", "one_to_two"):
+        for name, value in ranks[0][run].items():
+            assert torch.equal(value, ranks[1][run][name]), (run, name)  # ranks stay bit-identical
+        difference = _relative_difference(ranks[0][run], ranks[0]["single"])
+        assert difference <= 1e-5, (run, difference)
+    total = sum(ranks[0]["all_preconditioner_bytes"])
+    largest = max(ranks[0]["all_preconditioner_bytes"])
+    for rank in ranks:
+        assert rank["rank_preconditioner_bytes"] <= total / 2 + largest
+    if "kron" in options or "diag" in options:
+        assert ranks[0]["owners"] == [0, 1]  # both ranks own preconditioners
+        assert max(r["rank_preconditioner_bytes"] for r in ranks) < total
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("optim_args", ["curvature=whiten", "curvature=hvp,precond_update_prob=0.5"])
+def test_trainer_checkpoints_resume_from_two_processes_to_one_and_back(tmp_path: Path, optim_args: str) -> None:
+    script = str(LAUNCH / "trainer_checkpoint.py")
+
+    def run(out: Path, processes: int, checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
+        out.mkdir()
+        command = [*LAUNCHER, script] if processes == 2 else [sys.executable, script]
+        command += [str(out), optim_args] + ([str(checkpoint)] if checkpoint else [])
+        result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return torch.load(out / "final.pt", weights_only=True)
+
+    two = run(tmp_path / "two", 2)
+    assert _relative_difference(run(tmp_path / "two_then_one", 1, tmp_path / "two/run/checkpoint-3"), two) <= 1e-5
+    one = run(tmp_path / "one", 1)
+    assert _relative_difference(run(tmp_path / "one_then_two", 2, tmp_path / "one/run/checkpoint-3"), one) <= 1e-5
