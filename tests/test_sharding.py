@@ -151,13 +151,23 @@ def test_communication_dtype_rounds_the_applied_update() -> None:
 
 @pytest.mark.usefixtures("process_group")
 def test_fsdp2_dtensor_parameters_are_rejected_with_alternatives() -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (1,))
-    weight = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+    model = nn.Sequential(nn.Linear(4, 4))
+    fully_shard(model)
     with pytest.raises(ValueError, match="DTensor.*DDP"):
-        PSGD([weight])
+        PSGD(model.parameters())
+
+
+@pytest.mark.usefixtures("process_group")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_flattened_parameters_are_rejected_with_alternatives(use_orig_params: bool) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(nn.Linear(4, 4), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    with pytest.raises(ValueError, match="flattened by FSDP.*DDP"):
+        PSGD(model.parameters())
 
 
 # ----------------------------------------------------------------------------- two processes
