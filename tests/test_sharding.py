@@ -231,3 +231,42 @@ def test_trainer_checkpoints_resume_from_two_processes_to_one_and_back(tmp_path:
     assert _relative_difference(run(tmp_path / "two_then_one", 1, tmp_path / "two/run/checkpoint-3"), two) <= 1e-5
     one = run(tmp_path / "one", 1)
     assert _relative_difference(run(tmp_path / "one_then_two", 2, tmp_path / "one/run/checkpoint-3"), one) <= 1e-5
+
+
+@pytest.mark.usefixtures("process_group")
+def test_blocks_keep_their_owner_when_param_groups_are_added() -> None:
+    first, second = nn.Linear(8, 8), nn.Linear(6, 6)
+    opt = PSGD(first.parameters(), shard_preconditioners=True)
+    opt._sharding.world_size = 3  # ownership only: pretend three ranks
+    before = dict(opt._block_owners())
+    opt.add_param_group({"params": list(second.parameters())})
+    after = opt._block_owners()
+    assert all(after[p] == rank for p, rank in before.items())
+    assert set(after) == set(first.parameters()) | set(second.parameters())
+
+
+@pytest.mark.usefixtures("process_group")
+def test_non_finite_gradient_skips_a_sharded_step_without_touching_state() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    opt = PSGD(layer.parameters(), lr=0.1, shard_preconditioners=True)
+    for _ in range(2):
+        layer(torch.randn(3, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.consolidate_state_dict()
+    state, params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in layer.parameters()]
+    layer(torch.randn(3, 4)).square().sum().backward()
+    layer.weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step()
+    opt.consolidate_state_dict()
+    skipped = opt.state_dict()
+    for p, old in zip(layer.parameters(), params):
+        assert torch.equal(p, old)
+    for index, entry in state["state"].items():
+        assert skipped["state"][index]["skipped_steps"] == entry["skipped_steps"] + 1
+        _assert_identical(
+            {k: v for k, v in skipped["state"][index].items() if k != "skipped_steps"},
+            {k: v for k, v in entry.items() if k != "skipped_steps"},
+        )

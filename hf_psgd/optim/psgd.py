@@ -234,7 +234,6 @@ class PSGD(Optimizer):
         group = self.param_groups[-1]
         _validate_group(group)
         reject_sharded_parameters(group["params"])
-        self._owners = None
         for p in group["params"]:
             self._param_index.setdefault(p, len(self._param_index))
 
@@ -250,15 +249,19 @@ class PSGD(Optimizer):
         return [params] if params else []
 
     def _block_owners(self) -> dict[Tensor, int]:
-        """Owner rank of every block (keyed by the block's first parameter); all 0 unsharded."""
-        blocks = [(group, block) for group in self.param_groups for block in self._blocks(group)]
-        if self._owners is None or any(block[0] not in self._owners for _, block in blocks):
+        """Owner rank of every block (keyed by the block's first parameter); all 0 unsharded.
+        Blocks that appear later (``add_param_group``, newly trainable parameters) are balanced
+        among themselves; an assigned block never moves (its owner holds its state)."""
+        owners = self._owners if self._owners is not None else {}
+        new = [(group, block) for group in self.param_groups for block in self._blocks(group) if block[0] not in owners]
+        if new:
             world = self._sharding.world_size if self._sharding is not None else 1
-            costs = [self._family(group).cost(self._block_shape(block), group) for group, block in blocks]
-            numels = [self._block_shape(block).numel() for _, block in blocks]
+            costs = [self._family(group).cost(self._block_shape(block), group) for group, block in new]
+            numels = [self._block_shape(block).numel() for _, block in new]
             ranks = assign_owners([m for m, _ in costs], [f for _, f in costs], numels, world)
-            self._owners = {block[0]: rank for (_, block), rank in zip(blocks, ranks)}
-        return self._owners
+            owners.update({block[0]: rank for (_, block), rank in zip(new, ranks)})
+        self._owners = owners
+        return owners
 
     def _owns(self, block: list[Tensor]) -> bool:
         return self._sharding is None or self._block_owners()[block[0]] == self._sharding.rank
