@@ -57,6 +57,12 @@ def test_name_route_from_python_cli_and_yaml(tmp_path: Path) -> None:
     )
     assert cli.optim == "psgd_kron" and PSGDTrainer.get_optimizer_cls_and_kwargs(cli)[1]["seed"] == 3
 
+    sharding = _args(tmp_path, optim="psgd_kron", optim_args="shard_preconditioners=false,communication_dtype=bfloat16")
+    kwargs = PSGDTrainer.get_optimizer_cls_and_kwargs(sharding)[1]
+    assert kwargs["shard_preconditioners"] is False and kwargs["communication_dtype"] == "bfloat16"
+    automatic = _args(tmp_path, optim="psgd_kron", optim_args="shard_preconditioners=none")
+    assert PSGDTrainer.get_optimizer_cls_and_kwargs(automatic)[1]["shard_preconditioners"] is None
+
     recipe = tmp_path / "args.yaml"
     recipe.write_text(f"output_dir: {tmp_path}\noptim: psgd_diag\noptim_args: seed=4,curvature=fd\n")
     (from_yaml,) = parser.parse_yaml_file(str(recipe))

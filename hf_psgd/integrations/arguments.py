@@ -65,7 +65,7 @@ def _option_parsers() -> dict[str, Any]:
         if name in ("self", *_RESERVED):
             continue
         default, annotation = parameter.default, str(parameter.annotation)
-        if isinstance(default, bool):
+        if isinstance(default, bool) or "bool" in annotation:
             parse = _boolean
         elif type(default) is int:
             parse = int
