@@ -264,7 +264,12 @@ class PSGD(Optimizer):
         return owners
 
     def _owns(self, block: list[Tensor]) -> bool:
-        return self._sharding is None or self._block_owners()[block[0]] == self._sharding.rank
+        if self._sharding is None:
+            return True
+        owner = self._owners.get(block[0]) if self._owners is not None else None
+        if owner is None:  # a block not assigned yet: assign every new one (a pass over all blocks)
+            owner = self._block_owners()[block[0]]
+        return owner == self._sharding.rank
 
     @staticmethod
     def _gather(block: list[Tensor], tensors: Mapping[Tensor, Tensor]) -> Tensor:
