@@ -78,10 +78,10 @@ class PreconditionerSharding:
         return updates
 
     def gather_states(self, mine: dict[int, Any]) -> dict[int, Any]:
-        """The union of every rank's ``mine`` (state index -> state, tensors moved to CPU), on every
-        rank."""
+        """The union of every rank's ``mine`` (state index -> state, tensors on the CPU: the states
+        travel pickled), on every rank."""
         everyone: list[dict[int, Any] | None] = [None] * self.world_size
-        dist.all_gather_object(everyone, _to_cpu(mine), group=self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)
         merged: dict[int, Any] = {}
         for states in everyone:
             merged.update(states or {})
@@ -94,12 +94,3 @@ def _group_device(group: dist.ProcessGroup | None) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value

@@ -612,6 +612,7 @@ class PSGD(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         owned = self._owned_state_params()
         mine = {index: state for index, state in local["state"].items() if params[index] in owned}
+        mine = _copy_to_device(mine, torch.device("cpu"))
         self._consolidated = {"state": self._sharding.gather_states(mine), "param_groups": local["param_groups"]}
 
     def state_dict(self) -> dict[str, Any]:
