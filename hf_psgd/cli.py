@@ -1,7 +1,7 @@
 """``hf-psgd``: run recipes from the command line.
 
     hf-psgd train RECIPE.yaml [--key value ...]
-    hf-psgd compare RECIPE.yaml [--optims psgd_kron,adamw_torch] [--key value ...]
+    hf-psgd compare RECIPE.yaml [--optims psgd_kron,adamw_torch] [--seeds 0,1,2] [--key value ...]
     accelerate launch --config_file recipes/accelerate_2proc_cpu.yaml -m hf_psgd train RECIPE.yaml --use_cpu true
 
 Any recipe key can be overridden as ``--key value`` (``HfArgumentParser`` conventions);
@@ -20,7 +20,8 @@ __all__ = ["main"]
 _DESCRIPTIONS = {
     "train": "Train with a recipe; write the model, its model card (README.md) and loss curve to output_dir.",
     "compare": "Run a recipe once per optimizer (same seed, data and steps) into output_dir/<optimizer>; write "
-    "loss_curves.png (train and eval loss against steps and time) and results.md (final metrics and time).",
+    "loss_curves.png (train and eval loss against steps and time) and results.md (final metrics and time). "
+    "With --seeds, once per optimizer and seed, and results.md gives the mean and standard deviation.",
 }
 
 
@@ -36,7 +37,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             help=description.split(";")[0].split(" (")[0],
             description=description,
             add_help=False,
-            usage=f"hf-psgd {name} RECIPE.yaml{' [--optims NAMES]' if name == 'compare' else ''} [--key value ...]",
+            allow_abbrev=False,  # --seed and --optim are recipe keys, not abbreviations of --seeds and --optims
+            usage=f"hf-psgd {name} RECIPE.yaml{' [--optims NAMES] [--seeds SEEDS]' if name == 'compare' else ''}"
+            " [--key value ...]",
             epilog="Any recipe key can be given as --key value and overrides the file; "
             f"`hf-psgd {name} RECIPE.yaml --help` lists every key for that recipe's task.",
         )
@@ -47,6 +50,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                 "--optims",
                 help="comma-separated optimizer names (default: the recipe's learning_rates names, "
                 "else psgd_kron,adamw_torch)",
+            )
+            sub.add_argument(
+                "--seeds",
+                help="comma-separated integer seeds: run every optimizer once per seed and report mean ± std "
+                "(default: one run at the recipe's seed)",
             )
         subparsers[name] = sub
     return parser, subparsers
@@ -80,11 +88,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hf-psgd train: {figures}; model, model card and loss curve in {result.output_dir}")
         else:
             optimizers = [name.strip() for name in args.optims.split(",") if name.strip()] if args.optims else None
-            results = compare_recipe(args.recipe, optimizers, overrides)
+            seeds = _seeds(args.seeds)
+            results = compare_recipe(args.recipe, optimizers, overrides, seeds)
+            output = results[0].output_dir.parent if seeds is None else results[0].output_dir.parents[1]
             print(format_comparison(results))
-            print(f"hf-psgd compare: loss_curves.png and results.md in {results[0].output_dir.parent}")
+            print(f"hf-psgd compare: loss_curves.png and results.md in {output}")
     except RecipeError as error:
         print(f"hf-psgd: error: {error}", file=sys.stderr)
         return 2
     end_multiprocess_run()
     return 0
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` as a list of distinct ints; ``RecipeError`` naming a bad entry."""
+    from .recipes import RecipeError
+    from .recipes.loading import COMMAND_LINE
+
+    if text is None:
+        return None
+    seeds = []
+    for entry in text.split(","):
+        try:
+            seeds.append(int(entry))
+        except ValueError:
+            raise RecipeError(
+                "seeds",
+                f"{entry.strip()!r} is not an integer; give comma-separated integers such as 0,1,2",
+                COMMAND_LINE,
+            ) from None
+    if len(set(seeds)) != len(seeds):
+        raise RecipeError("seeds", f"{text!r} repeats a seed; give distinct seeds", COMMAND_LINE)
+    return seeds

@@ -73,6 +73,20 @@ def test_unknown_optimizer_for_compare(tmp_path: Path, capsys: pytest.CaptureFix
     assert "command line: optims: 'lion' is not an optimizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("seeds", "expected"),
+    [("0,one", "command line: seeds: 'one' is not an integer"), ("1,1", "command line: seeds: '1,1' repeats a seed")],
+)
+def test_bad_seeds_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str], seeds: str, expected: str) -> None:
+    assert main(["compare", str(_recipe(tmp_path, "")), "--seeds", seeds]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_seed_stays_a_recipe_key_in_compare(tmp_path: Path) -> None:
+    """``--seed`` is not taken as an abbreviation of ``--seeds`` (nor ``--optim`` of ``--optims``)."""
+    assert main(["compare", str(_recipe(tmp_path, "")), "--seed", "x"]) == 2
+
+
 def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     """The real process (``python -m hf_psgd``, as under ``accelerate launch -m``)."""
     missing = tmp_path / "missing.yaml"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import zipfile
@@ -91,6 +92,21 @@ def test_compare_writes_plot_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert "| `adamw_torch` | 0.002 |" in capsys.readouterr().out
     baseline = _card(tmp_path / "adamw_torch")
     assert "psgd" not in baseline.data.tags and "--optim adamw_torch" in baseline.text
+
+
+def test_compare_over_seeds_reports_mean_and_std(tmp_path: Path) -> None:
+    recipe = str(RECIPES / "causal_lm.yaml")
+    arguments = ["compare", recipe, "--optims", "adamw_torch", "--seeds", "3,4", *TINY["causal_lm.yaml"], *FEW_STEPS]
+    assert main([*arguments, "--output_dir", str(tmp_path)]) == 0
+    runs = [json.loads((tmp_path / "adamw_torch" / f"seed-{s}" / "loss_history.json").read_text()) for s in (3, 4)]
+    losses = [run["metrics"]["eval_loss"] for run in runs]
+    assert losses[0] != losses[1]  # the seed reached the model initialisation
+    table = (tmp_path / "results.md").read_text()
+    mean, std = statistics.fmean(losses), statistics.stdev(losses)
+    assert "| `adamw_torch` | 0.002 | 3, 4 | " in table and f"{mean:.4f} ± {std:.4f}" in table
+    assert "| `adamw_torch` | 3 | " in table and f"| {losses[1]:.4f} |" in table
+    assert (tmp_path / "loss_curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "--seed 4" in _card(tmp_path / "adamw_torch" / "seed-4").text
 
 
 # ---------------------------------------------------------------------------------------- Hub paths

@@ -1,10 +1,12 @@
 """Running recipes: ``train`` (one run, with its model card and loss curve) and ``compare`` (the same
-recipe once per optimizer, with a joint loss-curve plot and a table of final metrics and time)."""
+recipe once per optimizer, or once per optimizer and seed, with a joint loss-curve plot and a table of
+final metrics and time)."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ class RunResult:
     name: str
     output_dir: Path
     learning_rate: float
+    seed: int
     metrics: dict[str, float]
     records: list[dict[str, float]]
 
@@ -71,6 +74,7 @@ def train_recipe(recipe: Recipe) -> RunResult:
         name=recipe.optimizer,
         output_dir=Path(recipe.training.output_dir),
         learning_rate=recipe.training.learning_rate,
+        seed=recipe.training.seed,
         metrics=metrics,
         records=history.records,
     )
@@ -84,12 +88,17 @@ def _write_outputs(recipe: Recipe, trainer: Trainer, metrics: dict[str, float], 
 
 
 def compare_recipe(
-    path: str | Path, optimizers: Sequence[str] | None = None, overrides: Sequence[str] = ()
+    path: str | Path,
+    optimizers: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
 ) -> list[RunResult]:
     """Run the recipe once per optimizer (same seed, data and steps; learning rates from the recipe's
     ``learning_rates``, else its ``learning_rate``), each into ``<output_dir>/<optimizer>``; then
     write ``loss_curves.png`` and ``results.md`` (see :func:`format_comparison`) into ``<output_dir>``.
-    ``optimizers`` defaults to the names in ``learning_rates``, else ``psgd_kron`` and ``adamw_torch``."""
+    ``optimizers`` defaults to the names in ``learning_rates``, else ``psgd_kron`` and ``adamw_torch``.
+    With ``seeds``, every optimizer runs once per seed (model initialisation, data order, dropout),
+    into ``<output_dir>/<optimizer>/seed-<seed>``, and the table gives mean and standard deviation."""
     base = load_recipe(path, overrides)
     optimizers = list(optimizers or base.recipe.learning_rates or DEFAULT_COMPARISON)
     unknown = [name for name in optimizers if name not in optimizer_names()]
@@ -100,26 +109,61 @@ def compare_recipe(
     output = Path(base.training.output_dir)
     results = []
     for name in optimizers:
-        run_overrides = [*overrides, "--optim", name, "--output_dir", str(output / name)]
-        results.append(train_recipe(load_recipe(path, run_overrides)))
+        for seed in seeds or [None]:
+            run_output = output / name if seed is None else output / name / f"seed-{seed}"
+            run_overrides = [*overrides, "--optim", name, "--output_dir", str(run_output)]
+            if seed is not None:
+                run_overrides += ["--seed", str(seed)]
+            results.append(train_recipe(load_recipe(path, run_overrides)))
     if base.training.process_index == 0:
-        plot_loss_curves({r.name: r.records for r in results}, output / "loss_curves.png", title=Path(path).name)
+        runs = {_run_label(r, seeds): r.records for r in results}
+        groups = {_run_label(r, seeds): r.name for r in results}
+        plot_loss_curves(runs, output / "loss_curves.png", title=Path(path).name, groups=groups)
         (output / "results.md").write_text(format_comparison(results) + "\n")
     return results
 
 
+def _run_label(result: RunResult, seeds: Sequence[int] | None) -> str:
+    return result.name if seeds is None else f"{result.name} seed {result.seed}"
+
+
 def format_comparison(results: Sequence[RunResult]) -> str:
     """A Markdown table: per optimizer its learning rate, final train and eval figures and training
-    time, with the time relative to the first optimizer."""
-    metric_keys = [key for key in results[0].metrics if key.startswith("eval_")]
-    header = ["optimizer", "learning rate", "train loss", *(key.removeprefix("eval_") for key in metric_keys)]
-    header += ["train time (s)", f"time / {results[0].name} time"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    reference = results[0].metrics["train_seconds"] or math.nan
+    time, with the time relative to the first optimizer. Where an optimizer ran with several seeds, its
+    row gives ``mean ± standard deviation`` over them, and a second table lists every run."""
+    by_name: dict[str, list[RunResult]] = {}
     for result in results:
-        cells = [f"`{result.name}`", f"{result.learning_rate:g}", f"{result.metrics['train_loss']:.4f}"]
-        cells += [f"{result.metrics.get(key, math.nan):.4f}" for key in metric_keys]
-        seconds = result.metrics["train_seconds"]
+        by_name.setdefault(result.name, []).append(result)
+    metric_keys = ["train_loss", *(key for key in results[0].metrics if key.startswith("eval_"))]
+    names = [key.removeprefix("eval_").replace("_", " ") for key in metric_keys]
+    several = any(len(runs) > 1 for runs in by_name.values())
+    first_name = results[0].name
+    reference = statistics.fmean(r.metrics["train_seconds"] for r in by_name[first_name]) or math.nan
+    header = ["optimizer", "learning rate", *(["seeds"] if several else []), *names]
+    header += ["train time (s)", f"time / {first_name} time"]
+    lines = _table_head(header)
+    for name, runs in by_name.items():
+        seconds = statistics.fmean(r.metrics["train_seconds"] for r in runs)
+        cells = [f"`{name}`", f"{runs[0].learning_rate:g}"]
+        cells += [", ".join(str(r.seed) for r in runs)] if several else []
+        cells += [_summary([r.metrics.get(key, math.nan) for r in runs]) for key in metric_keys]
         cells += [f"{seconds:.1f}", f"{seconds / reference:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if several:
+        lines += ["", "Every run:", "", *_table_head(["optimizer", "seed", *names, "train time (s)"])]
+        for result in results:
+            cells = [f"`{result.name}`", str(result.seed)]
+            cells += [f"{result.metrics.get(key, math.nan):.4f}" for key in metric_keys]
+            lines.append("| " + " | ".join([*cells, f"{result.metrics['train_seconds']:.1f}"]) + " |")
     return "\n".join(lines)
+
+
+def _table_head(header: list[str]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
+def _summary(values: list[float]) -> str:
+    """One value as ``0.1234``; several as ``mean ± sample standard deviation``."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
