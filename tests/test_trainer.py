@@ -62,6 +62,11 @@ def test_name_route_from_python_cli_and_yaml(tmp_path: Path) -> None:
     assert kwargs["shard_preconditioners"] is False and kwargs["communication_dtype"] == "bfloat16"
     automatic = _args(tmp_path, optim="psgd_kron", optim_args="shard_preconditioners=none")
     assert PSGDTrainer.get_optimizer_cls_and_kwargs(automatic)[1]["shard_preconditioners"] is None
+    schedule = _args(tmp_path, optim="psgd_kron", optim_args="precond_update_prob=flat_steps:100;decay:0.01")
+    kwargs = PSGDTrainer.get_optimizer_cls_and_kwargs(schedule)[1]
+    assert kwargs["precond_update_prob"] == {"flat_steps": 100.0, "decay": 0.01}
+    constant = _args(tmp_path, optim="psgd_kron", optim_args="precond_update_prob=0.25")
+    assert PSGDTrainer.get_optimizer_cls_and_kwargs(constant)[1]["precond_update_prob"] == 0.25
 
     recipe = tmp_path / "args.yaml"
     recipe.write_text(f"output_dir: {tmp_path}\noptim: psgd_diag\noptim_args: seed=4,curvature=fd\n")
@@ -89,6 +94,9 @@ def test_builtin_names_keep_working(tmp_path: Path) -> None:
         ("psgd_kron", "betas=0.9", "unknown key 'betas'"),
         ("psgd_kron", "lr=0.1", "'lr' is set by TrainingArguments.learning_rate"),
         ("psgd_kron", "precond_lr=2", "precond_lr=2.0 is invalid: expected a number in (0, 1]"),
+        ("psgd_kron", "precond_update_prob=flat:9", "precond_update_prob has unknown keys ['flat']"),
+        ("psgd_kron", "precond_update_prob=decay:x", "precond_update_prob='decay:x' is invalid"),
+        ("psgd_kron", "precond_update_prob=decay", "precond_update_prob='decay' is invalid"),
     ],
 )
 def test_bad_names_and_optim_args_are_named(tmp_path: Path, optim: str, optim_args: str | None, message: str) -> None:

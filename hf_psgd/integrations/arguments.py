@@ -6,6 +6,8 @@ plain string (so ``HfArgumentParser`` and YAML accept PSGD names), lets the base
 everything else with a built-in name in place of ours, then puts our name back. ``optim_args``
 (``"curvature=hvp,precond_lr=0.2"``) is converted to the types of :class:`~hf_psgd.PSGD`'s
 arguments and validated by PSGD itself, so a bad key or value fails when the arguments are built.
+The update schedule is a number (constant probability) or its keys as ``key:value`` pairs joined by
+``;`` (``precond_update_prob=flat_steps:100;decay:0.01``; keys left out keep their defaults).
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _schedule(text: str) -> float | dict[str, float]:
+    """A constant ``"0.1"`` or ``"flat_steps:100;decay:0.01;min_prob:0.05"`` (PSGD checks the keys)."""
+    if ":" not in text:
+        return float(text)
+    schedule = {}
+    for item in text.split(";"):
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"{item!r} is not of the form key:value")
+        schedule[key] = float(value)
+    return schedule
+
+
 def _option_parsers() -> dict[str, Any]:
     """A text-to-value parser per PSGD option, derived from its default and annotation."""
     parsers = {}
@@ -69,7 +84,9 @@ def _option_parsers() -> dict[str, Any]:
             parse = _boolean
         elif type(default) is int:
             parse = int
-        elif isinstance(default, (float, dict)) or "float" in annotation:  # a schedule dict: constant by text
+        elif isinstance(default, dict):
+            parse = _schedule
+        elif isinstance(default, float) or "float" in annotation:
             parse = float
         else:
             parse = str
