@@ -229,3 +229,33 @@ def test_statistics_report_fits_skips_probability_and_scale() -> None:
     diag_scale = opt.state[y]["q"].square().mean()
     assert figures["precond_scale_min"] == pytest.approx(min(kron_scale, diag_scale).item())
     assert figures["precond_scale_max"] == pytest.approx(max(kron_scale, diag_scale).item())
+
+
+@pytest.mark.parametrize("whiten_momentum", [False, True])
+def test_kron_skips_zero_embedding_rows_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, whiten_momentum: bool
+) -> None:
+    """An embedding-like gradient (most vocabulary rows zero) takes the nonzero-rows path of Kron's
+    fit and preconditioning; parameters and state equal those of the whole-tensor path."""
+    from hf_psgd.optim import linalg
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        weight = _param(200, 8)
+        opt = PSGD([weight], lr=0.05, curvature="whiten", whiten_momentum=whiten_momentum, precond_update_prob=1.0)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            rows = torch.randint(0, 200, (12,), generator=generator)
+            grad = torch.zeros(200, 8)
+            grad[rows] = torch.randn(12, 8, generator=generator)
+            weight.grad = grad
+            opt.step()
+        return weight.detach(), opt.state[weight]["Q"]
+
+    assert linalg.nonzero_slices(torch.zeros(200, 8).index_fill_(0, torch.tensor([3, 7]), 1.0), 0).tolist() == [3, 7]
+    sparse_weight, sparse_q = run()
+    monkeypatch.setattr(linalg, "SPARSE_SLICE_FRACTION", -1.0)  # never sparse: the whole-tensor path
+    dense_weight, dense_q = run()
+    assert sparse_q[0].ndim == 1 and sparse_q[1].ndim == 2  # diagonal over the 200 rows, triangular over 8
+    torch.testing.assert_close(sparse_weight, dense_weight, rtol=1e-5, atol=1e-7)
+    for sparse, dense in zip(sparse_q, dense_q):
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)

@@ -93,4 +93,3 @@ def _group_device(group: dist.ProcessGroup | None) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-

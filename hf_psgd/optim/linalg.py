@@ -17,6 +17,7 @@ __all__ = [
     "from_rows",
     "gram_along",
     "largest_eigenvalue_2x2",
+    "nonzero_slices",
     "solve_transpose_along",
     "spd_norm_lower_bound",
     "to_rows",
@@ -74,6 +75,20 @@ def gram_along(x: Tensor, dim: int, diagonal: bool) -> Tensor:
         return x.square().sum(dim=other) if other else x.square()
     rows = to_rows(x, dim)
     return rows.mT @ rows
+
+
+#: :func:`nonzero_slices` reports the nonzero slices only when at most this fraction of them is nonzero.
+SPARSE_SLICE_FRACTION = 0.5
+
+
+def nonzero_slices(x: Tensor, dim: int) -> Tensor | None:
+    """Indices ``k`` of the slices ``x.select(dim, k)`` that hold a nonzero, when they are at most
+    :data:`SPARSE_SLICE_FRACTION` of all (as for the vocabulary rows of an embedding gradient: only the
+    tokens of the batch); ``None`` otherwise. One pass over ``x`` (and a host sync on accelerators)."""
+    other = [d for d in range(x.ndim) if d != dim]
+    mask = x.ne(0).any(dim=other) if other else x.ne(0)
+    indices = mask.nonzero().squeeze(1)
+    return indices if indices.numel() <= SPARSE_SLICE_FRACTION * mask.numel() else None
 
 
 def spd_norm_lower_bound(a: Tensor) -> Tensor:

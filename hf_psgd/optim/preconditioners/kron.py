@@ -18,6 +18,11 @@ factors are rebalanced (equal max-norms, same product) to keep them well scaled.
 With whitening the probe is integrated out: ``E_v[B_(i) B_(i)^T] = (Q_i^{-T} Q_i^{-1}) prod_{j!=i}
 |Q_j^{-1}|_F^2`` needs one small triangular inverse per factor instead of solves against the whole
 tensor, and has no sampling noise.
+
+Zero slices: every factor but a diagonal one on dim ``k`` acts within the slices along ``k``, so a
+slice of zeros stays zero. Where most slices along the largest diagonal-factor dim are zero (the
+vocabulary rows of an embedding gradient, or its momentum early on, hold only the batch's tokens),
+preconditioning and the ``A`` side of the fit work on the nonzero slices alone; the result is the same.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import apply_along, gram_along, solve_transpose_along, spd_norm_lower_bound, work_dtype
+from ..linalg import (
+    apply_along,
+    gram_along,
+    nonzero_slices,
+    solve_transpose_along,
+    spd_norm_lower_bound,
+    work_dtype,
+)
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
 __all__ = ["Kron", "factor_is_dense"]
@@ -91,14 +103,32 @@ class Kron(Preconditioner):
             q.copy_(identity * factor_scale)
         cls._refresh_cache(state)
 
+    @staticmethod
+    def _sparse_dim(factors: list[Tensor]) -> int | None:
+        """The dim whose zero slices :meth:`_apply_all` may skip: the largest with a diagonal factor."""
+        diagonal = [(q.numel(), dim) for dim, q in enumerate(factors) if q.ndim == 1 and q.numel() > 1]
+        return max(diagonal)[1] if diagonal else None
+
+    @classmethod
+    def _apply_all(cls, x: Tensor, factors: list[Tensor]) -> tuple[Tensor, int | None, Tensor | None]:
+        """Every factor applied along its dim: ``(result, dim, kept)``. Where most slices of ``x``
+        along :meth:`_sparse_dim` are zero, ``result`` holds only the nonzero slices ``kept`` (indices
+        along ``dim``; the others are zero); else ``result`` is the whole tensor and ``kept`` is None."""
+        dim = cls._sparse_dim(factors)
+        kept = None if dim is None else nonzero_slices(x, dim)
+        if kept is not None:
+            x = x.index_select(dim, kept)
+            factors = [q.index_select(0, kept) if i == dim else q for i, q in enumerate(factors)]
+        for i, q in enumerate(factors):
+            x = apply_along(x, q, i)
+        return x, dim, kept
+
     @classmethod
     def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
         stored = state["Q"]
         factors = [q.to(work_dtype(q.dtype)) for q in stored]
         shape = _work_shape(h.shape)
-        a = h.reshape(shape).to(factors[0].dtype)
-        for dim, q in enumerate(factors):
-            a = apply_along(a, q, dim)
+        a, sparse_dim, kept = cls._apply_all(h.reshape(shape).to(factors[0].dtype), factors)
         if v is None:
             terms_b = cls._expected_probe_terms(factors)
             terms_damping = cls._damping_terms(factors, options["damping"])
@@ -110,6 +140,8 @@ class Kron(Preconditioner):
         for dim, q in enumerate(factors):
             diagonal = q.ndim == 1
             term_a = gram_along(a, dim, diagonal)
+            if dim == sparse_dim and kept is not None:
+                term_a = torch.zeros_like(q).index_copy_(0, kept, term_a)
             if v is None:
                 term_b = terms_b[dim]
                 if terms_damping is not None:
@@ -162,9 +194,10 @@ class Kron(Preconditioner):
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         cache = state["P"]
         x = g.reshape(_work_shape(g.shape)).to(work_dtype(cache[0].dtype))
-        for dim, p in enumerate(cache):
-            x = apply_along(x, p.to(x.dtype), dim)
-        return x.reshape(g.shape)
+        result, dim, kept = cls._apply_all(x, [p.to(x.dtype) for p in cache])
+        if kept is not None:
+            result = torch.zeros_like(x).index_copy_(dim, kept, result)
+        return result.reshape(g.shape)
 
     @classmethod
     def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
