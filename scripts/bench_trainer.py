@@ -1,7 +1,7 @@
 """Trainer benchmark: PSGDTrainer against Trainer with AdamW on a small causal-LM fine-tune (CPU).
 
 Workload: a Llama-style model built from a config (hidden 256, 4 layers, 4 heads, MLP 688, vocab 256
-bytes, sequence 128, batch 8; about 3.3M parameters) trained on Python standard-library source read
+bytes, sequence 128 (`--seq`), batch 8; about 3.3M parameters) trained on Python standard-library source read
 as bytes. Three configurations: `adamw_torch`; `psgd_kron` with whitening; `psgd_kron` with exact
 Hessian-vector products (`curvature=hvp`).
 
@@ -18,7 +18,10 @@ Method:
   subprocess after a warm-up run of plain steps, how far the RSS peaks above its starting level
   during `train()` of two fitting steps (Linux peak-RSS mark, reset after `malloc_trim`).
 
-    python scripts/bench_trainer.py [--rounds 3] [--steps 6] [--out scripts/results/trainer.md]
+The fit's cost does not depend on the batch, the forward and backward passes grow with it: the ratios
+fall as the tokens per step grow (`--seq 512` is the micro-batch shape of `recipes/causal_lm_hub.yaml`).
+
+    python scripts/bench_trainer.py [--rounds 3] [--steps 6] [--seq 128] [--out scripts/results/trainer.md]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from hf_psgd import PSGDTrainer, PSGDTrainingArguments
 from hf_psgd.optim import DEFAULT_UPDATE_SCHEDULE, update_probability
 
-SEQ, BATCH = 128, 8
+BATCH = 8
 RUN_LENGTHS = (1000, 5000, 10000)
 CONFIGS = {
     "adamw": ("adamw_torch", None, 1e-3),
@@ -53,7 +56,7 @@ CONFIGS = {
 }
 
 
-def model() -> LlamaForCausalLM:
+def model(seq: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256,
@@ -62,14 +65,14 @@ def model() -> LlamaForCausalLM:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=SEQ,
+        max_position_embeddings=seq,
     )
     return LlamaForCausalLM(config)
 
 
-def dataset(rows: int) -> Dataset:
-    corpus = stdlib_bytes(rows * SEQ)
-    ids = corpus[: rows * SEQ].view(rows, SEQ).tolist()
+def dataset(rows: int, seq: int) -> Dataset:
+    corpus = stdlib_bytes(rows * seq)
+    ids = corpus[: rows * seq].view(rows, seq).tolist()
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
@@ -85,11 +88,11 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def train(name: str, steps: int, accumulation: int = 1, output_dir: str | None = None) -> list[float]:
+def train(name: str, steps: int, seq: int, accumulation: int = 1) -> list[float]:
     optim, optim_args, lr = CONFIGS[name]
     with tempfile.TemporaryDirectory() as tmp:
         args = PSGDTrainingArguments(
-            output_dir=output_dir or tmp,
+            output_dir=tmp,
             max_steps=steps,
             per_device_train_batch_size=BATCH,
             gradient_accumulation_steps=accumulation,
@@ -105,7 +108,7 @@ def train(name: str, steps: int, accumulation: int = 1, output_dir: str | None =
             seed=0,
         )
         timer = StepTimer()
-        trainer = PSGDTrainer(model=model(), args=args, train_dataset=dataset(steps * BATCH * accumulation))
+        trainer = PSGDTrainer(model=model(seq), args=args, train_dataset=dataset(steps * BATCH * accumulation, seq))
         trainer.add_callback(timer)
         trainer.train()
     return timer.times[1:]
@@ -122,21 +125,21 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_rise(accumulation: int) -> float:
+def peak_memory_rise(accumulation: int, seq: int) -> float:
     """MB by which the RSS peaks above its starting level during two HVP-fitting steps (Linux).
 
     A warm-up run of plain steps pays for imports and Trainer first; then free heap is returned to
     the OS (``malloc_trim``) and the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``)."""
-    train("psgd-hvp-apply", steps=2, accumulation=accumulation)
+    train("psgd-hvp-apply", steps=2, seq=seq, accumulation=accumulation)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     start = _status_mb("VmRSS")
-    train("psgd-hvp-fit", steps=2, accumulation=accumulation)
+    train("psgd-hvp-fit", steps=2, seq=seq, accumulation=accumulation)
     return _status_mb("VmHWM") - start
 
 
-def memory_in_subprocess(accumulation: int) -> float:
-    command = [sys.executable, __file__, "--memory", str(accumulation)]
+def memory_in_subprocess(accumulation: int, seq: int) -> float:
+    command = [sys.executable, __file__, "--memory", str(accumulation), "--seq", str(seq)]
     result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rise_mb"]
 
@@ -148,7 +151,7 @@ def report(times: dict[str, list[float]], memory: dict[int, float], args: argpar
         "# Trainer step cost: PSGDTrainer vs Trainer + AdamW",
         "",
         f"Median training-step time over {args.rounds} rounds x {args.steps} steps (first step of each run "
-        f"excluded); Llama-style model (hidden 256, 4 layers, vocab 256), batch {BATCH} x {SEQ} tokens, CPU, "
+        f"excluded); Llama-style model (hidden 256, 4 layers, vocab 256), batch {BATCH} x {args.seq} tokens, CPU, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         "| configuration | step ms | / AdamW |",
@@ -190,20 +193,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run-length", type=int, default=5000, choices=RUN_LENGTHS)
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (batch 8)")
     parser.add_argument("--out", default="scripts/results/trainer.md")
     parser.add_argument("--memory", type=int, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory is not None:
-        print(json.dumps({"peak_rise_mb": peak_memory_rise(args.memory)}))
+        print(json.dumps({"peak_rise_mb": peak_memory_rise(args.memory, args.seq)}))
         return
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for round_index in range(args.rounds):
         for name in CONFIGS if round_index % 2 == 0 else reversed(CONFIGS):
-            times[name] += train(name, args.steps)
+            times[name] += train(name, args.steps, args.seq)
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
-    memory = {accumulation: memory_in_subprocess(accumulation) for accumulation in (1, 4)}
+    memory = {accumulation: memory_in_subprocess(accumulation, args.seq) for accumulation in (1, 4)}
     text = report(times, memory, args)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
