@@ -61,11 +61,9 @@ def _hub_id(name: str | None) -> str | None:
 def _schedule_text(schedule: Any) -> str:
     schedule = validate_schedule(schedule)
     if isinstance(schedule, Mapping):
-        return (
-            f"1 for {schedule['flat_steps']} steps, then exp(-{schedule['decay']} (t - {schedule['flat_steps']})), "
-            f"at least {schedule['min_prob']}"
-        )
-    return f"constant {schedule}"
+        flat, decay, floor = schedule["flat_steps"], schedule["decay"], schedule["min_prob"]
+        return f"1 for {flat:g} steps, then exp(-{decay:g} (t - {flat:g})), at least {floor:g}"
+    return f"constant {schedule:g}"
 
 
 def _optimizer_rows(recipe: Recipe) -> tuple[str, list[tuple[str, str]]]:
