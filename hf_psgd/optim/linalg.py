@@ -84,7 +84,7 @@ SPARSE_SLICE_FRACTION = 0.5
 def nonzero_slices(x: Tensor, dim: int) -> Tensor | None:
     """Indices ``k`` of the slices ``x.select(dim, k)`` that hold a nonzero, when they are at most
     :data:`SPARSE_SLICE_FRACTION` of all (as for the vocabulary rows of an embedding gradient: only the
-    tokens of the batch); ``None`` otherwise. One pass over ``x`` (and a host sync on accelerators)."""
+    tokens of the batch); ``None`` otherwise. One pass over ``x``; a host sync on accelerators."""
     other = [d for d in range(x.ndim) if d != dim]
     mask = x.ne(0).any(dim=other) if other else x.ne(0)
     indices = mask.nonzero().squeeze(1)

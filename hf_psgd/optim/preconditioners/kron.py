@@ -22,7 +22,8 @@ tensor, and has no sampling noise.
 Zero slices: every factor but a diagonal one on dim ``k`` acts within the slices along ``k``, so a
 slice of zeros stays zero. Where most slices along the largest diagonal-factor dim are zero (the
 vocabulary rows of an embedding gradient, or its momentum early on, hold only the batch's tokens),
-preconditioning and the ``A`` side of the fit work on the nonzero slices alone; the result is the same.
+preconditioning and the ``A`` side of the fit work on the nonzero slices alone (on the CPU; the
+result is the same).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class Kron(Preconditioner):
         along :meth:`_sparse_dim` are zero, ``result`` holds only the nonzero slices ``kept`` (indices
         along ``dim``; the others are zero); else ``result`` is the whole tensor and ``kept`` is None."""
         dim = cls._sparse_dim(factors)
-        kept = None if dim is None else nonzero_slices(x, dim)
+        # CPU only: the check costs a host sync per tensor on accelerators, where the skipped
+        # products are cheap anyway
+        kept = None if dim is None or x.device.type != "cpu" else nonzero_slices(x, dim)
         if kept is not None:
             x = x.index_select(dim, kept)
             factors = [q.index_select(0, kept) if i == dim else q for i, q in enumerate(factors)]
