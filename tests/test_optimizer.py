@@ -251,8 +251,19 @@ def test_kron_skips_zero_embedding_rows_with_the_same_result(
             opt.step()
         return weight.detach(), opt.state[weight]["Q"]
 
+    from hf_psgd.optim.preconditioners import kron
+
     assert linalg.nonzero_slices(torch.zeros(200, 8).index_fill_(0, torch.tensor([3, 7]), 1.0), 0).tolist() == [3, 7]
+    kept_counts = []
+
+    def spy(x: torch.Tensor, dim: int) -> torch.Tensor | None:
+        kept = linalg.nonzero_slices(x, dim)
+        kept_counts.append(None if kept is None else kept.numel())
+        return kept
+
+    monkeypatch.setattr(kron, "nonzero_slices", spy)
     sparse_weight, sparse_q = run()
+    assert kept_counts and all(count is not None and count <= 48 for count in kept_counts)  # the path was taken
     monkeypatch.setattr(linalg, "SPARSE_SLICE_FRACTION", -1.0)  # never sparse: the whole-tensor path
     dense_weight, dense_q = run()
     assert sparse_q[0].ndim == 1 and sparse_q[1].ndim == 2  # diagonal over the 200 rows, triangular over 8
