@@ -82,9 +82,10 @@ def test_bad_seeds_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert expected in capsys.readouterr().err
 
 
-def test_seed_stays_a_recipe_key_in_compare(tmp_path: Path) -> None:
+def test_seed_stays_a_recipe_key_in_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--seed`` is not taken as an abbreviation of ``--seeds`` (nor ``--optim`` of ``--optims``)."""
     assert main(["compare", str(_recipe(tmp_path, "")), "--seed", "x"]) == 2
+    assert "command line: seed: invalid int value: 'x'" in capsys.readouterr().err
 
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
