@@ -117,7 +117,7 @@ def compare_recipe(
             results.append(train_recipe(load_recipe(path, run_overrides)))
     if base.training.process_index == 0:
         runs = {_run_label(r, seeds): r.records for r in results}
-        groups = {_run_label(r, seeds): r.name for r in results}
+        groups = None if seeds is None else {_run_label(r, seeds): r.name for r in results}
         plot_loss_curves(runs, output / "loss_curves.png", title=Path(path).name, groups=groups)
         (output / "results.md").write_text(format_comparison(results) + "\n")
     return results
