@@ -9,6 +9,7 @@ import torch
 from helpers import matrix_abs, matrix_power, random_symmetric, relative_identity_error, rosenbrock
 
 from hf_psgd import PSGD
+from hf_psgd.optim.preconditioners.kron import Kron
 
 
 def _fit_only(param: torch.nn.Parameter, **options) -> PSGD:
@@ -64,6 +65,59 @@ def test_kron_whitening_fits_inverse_sqrt_covariance() -> None:
         opt.step()
     target = matrix_power(torch.kron(c1, c2), 0.5)
     assert relative_identity_error(_kron_preconditioner(opt, x) @ target) < 0.1
+
+
+@pytest.mark.parametrize("damping", [0.1, 0.0])
+def test_kron_whitening_damping_bounds_null_directions(damping: float) -> None:
+    """Gradients S Z with rows 4, 5 of S zero: ``P -> (S S^T + damping^2 I)^{-1/2} (x) I``, so the
+    null rows reach ``1 / damping``; without damping they grow past it."""
+    m, n = 6, 4
+    scales = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.0, 0.0], dtype=torch.float64)
+    x = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
+    opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf, damping=damping)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(6000):
+        opt.param_groups[0]["precond_lr"] = 0.1 if t < 4000 else 0.02
+        x.grad = scales[:, None] * torch.randn(m, n, generator=gen, dtype=torch.float64)
+        opt.step()
+    fitted = _kron_preconditioner(opt, x)
+    null_rows = fitted.diagonal()[4 * n :]
+    if damping:
+        target = torch.kron(torch.diag((scales.square() + damping**2).rsqrt()), torch.eye(n, dtype=torch.float64))
+        assert relative_identity_error(fitted @ torch.linalg.inv(target)) < 0.1
+        torch.testing.assert_close(null_rows * damping, torch.ones_like(null_rows), rtol=0.1, atol=0)
+    else:
+        assert null_rows.min() > 1.5 / 0.1
+
+
+def test_kron_inverse_gram_and_negligible_damping_terms() -> None:
+    """The probe term ``Q^{-T} Q^{-1}`` against an explicit inverse; a damping term is left out only
+    where it is below float rounding of the probe term's smallest eigenvalue."""
+    gen = torch.Generator().manual_seed(0)
+    left = torch.eye(5) + 0.3 * torch.randn(5, 5, generator=gen).triu()
+    right = 0.5 + torch.rand(3, generator=gen)
+    for q in (left, right):
+        inverse = torch.linalg.inv(q) if q.ndim == 2 else torch.diag(q.reciprocal())
+        expected = inverse.mT @ inverse
+        fitted = Kron._inverse_gram(q)
+        torch.testing.assert_close(fitted if q.ndim == 2 else torch.diag(fitted), expected, rtol=1e-4, atol=1e-5)
+    left_out = []
+    for scale in (1.0, 1e3):
+        factors = [left * scale, right * scale]
+        inverse_grams = [Kron._inverse_gram(q) for q in factors]
+        terms_b = Kron._kron_expectation_terms(inverse_grams)
+        terms = Kron._damping_terms(factors, inverse_grams, 1e-9)
+        exact = Kron._kron_expectation_terms([q @ q.mT if q.ndim == 2 else q.square() for q in factors])
+        for term, exact_term, term_b in zip(terms, exact, terms_b):
+            exact_term = exact_term * 1e-18
+            if term is None:
+                left_out.append(scale)
+                smallest = torch.linalg.eigvalsh(term_b).min() if term_b.ndim == 2 else term_b.min()
+                largest = torch.linalg.matrix_norm(exact_term, 2) if term_b.ndim == 2 else exact_term.max()
+                assert largest <= torch.finfo(torch.float32).eps * smallest
+            else:
+                torch.testing.assert_close(term, exact_term)
+    assert left_out == [1.0, 1.0]
 
 
 def test_diag_whitening_fits_inverse_rms() -> None:
