@@ -9,10 +9,11 @@ Method:
 
 * training-step time is measured inside `Trainer.train()` by a callback (step begin to step end:
   forward, backward, clipping, optimizer step), medians over all timed steps after the first;
-* PSGD's default schedule fits the preconditioner on a deterministic fraction of steps, so each PSGD
+* PSGD's update schedule fits the preconditioner on a deterministic fraction of steps, so each PSGD
   configuration is timed twice: fitting on every step (`precond_update_prob=1.0`) and only applying
   (a tiny probability after the first step). The average step over a run of N steps is
-  `f t_fit + (1 - f) t_apply` with `f = sum_{t<N} p(t) / N` of the default schedule;
+  `f t_fit + (1 - f) t_apply` with `f = sum_{t<N} p(t) / N`, for hf_psgd's default schedule (the
+  targets) and for the references' slower one;
 * configurations run in `--rounds` alternating rounds of `--steps` steps, so machine noise hits all;
 * peak memory of an HVP step with gradient accumulation 1 and 4 (same micro-batch): each in a fresh
   subprocess after a warm-up run of plain steps, how far the RSS peaks above its starting level
@@ -47,6 +48,11 @@ from hf_psgd.optim import DEFAULT_UPDATE_SCHEDULE, update_probability
 
 BATCH = 8
 RUN_LENGTHS = (1000, 5000, 10000)
+#: hf_psgd's default, and the one of kron_torch, timm and pytorch_optimizer (flat 500, decay 0.001)
+SCHEDULES = {
+    "default": DEFAULT_UPDATE_SCHEDULE,
+    "references'": {"flat_steps": 500, "decay": 0.001, "min_prob": 0.03},
+}
 CONFIGS = {
     "adamw": ("adamw_torch", None, 1e-3),
     "psgd-whiten-fit": ("psgd_kron", "curvature=whiten,precond_update_prob=1.0", 3e-3),
@@ -114,8 +120,8 @@ def train(name: str, steps: int, seq: int, accumulation: int = 1) -> list[float]
     return timer.times[1:]
 
 
-def fit_fraction(run_length: int) -> float:
-    return sum(update_probability(DEFAULT_UPDATE_SCHEDULE, t) for t in range(run_length)) / run_length
+def fit_fraction(schedule: dict[str, float], run_length: int) -> float:
+    return sum(update_probability(schedule, t) for t in range(run_length)) / run_length
 
 
 def _status_mb(field: str) -> float:
@@ -158,16 +164,17 @@ def report(times: dict[str, list[float]], memory: dict[int, float], args: argpar
         "|---|---:|---:|",
     ]
     lines += [f"| `{name}` | {1e3 * t:.1f} | {t / adamw:.2f}× |" for name, t in median.items()]
-    lines += ["", "Default schedule averaged over a run of N steps (`f` = fraction of steps that fit):", ""]
-    lines += ["| N | f | whitening / AdamW | hvp / AdamW |", "|---:|---:|---:|---:|"]
+    lines += ["", "Average step over a run of N steps (`f` = fraction of steps that fit):", ""]
+    lines += ["| schedule | N | f | whitening / AdamW | hvp / AdamW |", "|---|---:|---:|---:|---:|"]
     averages = {}
-    for n in RUN_LENGTHS:
-        f = fit_fraction(n)
-        whiten = f * median["psgd-whiten-fit"] + (1 - f) * median["psgd-whiten-apply"]
-        hvp = f * median["psgd-hvp-fit"] + (1 - f) * median["psgd-hvp-apply"]
-        averages[n] = (whiten / adamw, hvp / adamw)
-        lines.append(f"| {n} | {f:.3f} | {whiten / adamw:.2f}× | {hvp / adamw:.2f}× |")
-    whiten_ratio, hvp_ratio = averages[args.run_length]
+    for label, schedule in SCHEDULES.items():
+        for n in RUN_LENGTHS:
+            f = fit_fraction(schedule, n)
+            whiten = f * median["psgd-whiten-fit"] + (1 - f) * median["psgd-whiten-apply"]
+            hvp = f * median["psgd-hvp-fit"] + (1 - f) * median["psgd-hvp-apply"]
+            averages[label, n] = (whiten / adamw, hvp / adamw)
+            lines.append(f"| {label} | {n} | {f:.3f} | {whiten / adamw:.2f}× | {hvp / adamw:.2f}× |")
+    whiten_ratio, hvp_ratio = averages["default", args.run_length]
     ga_ratio = memory[4] / memory[1]
     lines += [
         "",

@@ -90,8 +90,10 @@ def test_step_returns_closure_loss_for_every_curvature(curvature: str) -> None:
 
 def test_default_schedule_is_flat_then_decays_to_floor() -> None:
     assert update_probability(DEFAULT_UPDATE_SCHEDULE, 0) == 1.0
-    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 499) == 1.0
-    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 1500) == pytest.approx(math.exp(-1.0))
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 199) == 1.0
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 700) == pytest.approx(math.exp(-1.5))
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 1368) == pytest.approx(math.exp(-3.504))
+    assert update_probability(DEFAULT_UPDATE_SCHEDULE, 1369) == 0.03
     assert update_probability(DEFAULT_UPDATE_SCHEDULE, 10_000) == 0.03
     assert update_probability(0.25, 7) == 0.25
 

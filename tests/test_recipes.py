@@ -69,7 +69,7 @@ def test_offline_recipe_trains_and_writes_card_and_plot(tmp_path: Path, recipe: 
     card = _card(output)
     assert {"hf-psgd", "psgd", "psgd_kron"} <= set(card.data.tags)
     assert "| preconditioner family | `kron` |" in card.text
-    schedule = "1 for 500 steps, then exp(-0.001 (t - 500)), at least 0.03"
+    schedule = "1 for 200 steps, then exp(-0.003 (t - 200)), at least 0.03"
     assert f"| preconditioner update probability | {schedule} |" in card.text
     metrics = json.loads((output / "loss_history.json").read_text())["metrics"]
     assert metrics["processes"] == 1 and metrics["eval_loss"] > 0

@@ -122,7 +122,7 @@ class PSGD(Optimizer):
         lipschitz_beta: EMA factor of the running bound ``L`` that normalises the fit's step
             (0.9 smooths noisy whitening pairs; 0 suits exact, noise-free ``H v``).
         precond_update_prob: a constant probability or a schedule dict (see
-            :mod:`hf_psgd.optim.schedules`); default 1.0 for 500 steps, decaying to 0.03.
+            :mod:`hf_psgd.optim.schedules`); default 1.0 for 200 steps, decaying to 0.03.
         precond_init_scale: initial ``Q = scale I``; ``None`` sets it from the first pair as
             ``(mean v^2)^{1/4} (mean h^4)^{-1/8}`` (deferred while ``h`` is all zeros).
         max_update_rms: guard: ``P m`` is scaled down to this RMS per block; ``None`` disables it.
