@@ -212,8 +212,8 @@ class Kron(Preconditioner):
         if factors[0].device.type == "cpu":
             inverse_norms = torch.stack([cls._trace(g) for g in inverse_grams])
             spectral_bounds = torch.stack([cls._squared_spectral_norm_bound(q) for q in factors])
-            others = (squared_norms / inverse_norms).prod() / (squared_norms / inverse_norms)
-            ratios = damping**2 * spectral_bounds.square() * others
+            norm_ratios = squared_norms / inverse_norms
+            ratios = damping**2 * spectral_bounds.square() * (norm_ratios.prod() / norm_ratios)
             needed = (ratios > torch.finfo(factors[0].dtype).eps).tolist()
         else:
             needed = [True] * len(factors)
