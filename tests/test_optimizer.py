@@ -9,6 +9,8 @@ import torch
 from helpers import rosenbrock
 
 from hf_psgd import PSGD
+from hf_psgd.optim import linalg
+from hf_psgd.optim.preconditioners import kron
 from hf_psgd.optim.schedules import DEFAULT_UPDATE_SCHEDULE, update_probability
 
 
@@ -239,7 +241,6 @@ def test_kron_skips_zero_embedding_rows_with_the_same_result(
 ) -> None:
     """An embedding-like gradient (most vocabulary rows zero) takes the nonzero-rows path of Kron's
     fit and preconditioning; parameters and state equal those of the whole-tensor path."""
-    from hf_psgd.optim import linalg
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         weight = _param(200, 8)
@@ -252,8 +253,6 @@ def test_kron_skips_zero_embedding_rows_with_the_same_result(
             weight.grad = grad
             opt.step()
         return weight.detach(), opt.state[weight]["Q"]
-
-    from hf_psgd.optim.preconditioners import kron
 
     assert linalg.nonzero_slices(torch.zeros(200, 8).index_fill_(0, torch.tensor([3, 7]), 1.0), 0).tolist() == [3, 7]
     kept_counts = []
