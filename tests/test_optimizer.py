@@ -35,6 +35,7 @@ def _param(*shape: int, seed: int = 0) -> torch.nn.Parameter:
         ("max_update_rms", -1.0, "None (no guard)"),
         ("damping", -1e-9, ">= 0"),
         ("whiten_momentum", "yes", "True or False"),
+        ("secant_pairs", 1, "True or False"),
         ("precond_dtype", "int8", "float32"),
         ("max_dense_size", 2.5, "an int >= 0"),
         ("max_skew", -1, ">= 0"),
@@ -49,6 +50,13 @@ def test_invalid_argument_names_argument_value_and_allowed(name: str, value, all
     message = str(error.value)
     assert name in message and repr(value) in message or name in message and "unknown keys" in message
     assert allowed in message
+
+
+def test_secant_pairs_with_whitening_is_refused_with_the_curvatures_that_allow_it() -> None:
+    expected = r"secant_pairs=True is invalid: expected False with curvature='whiten'.*'hvp'"
+    with pytest.raises(ValueError, match=expected):
+        PSGD([_param(3)], curvature="whiten", secant_pairs=True)
+    PSGD([_param(3)], curvature="fd", secant_pairs=True)
 
 
 def test_unknown_preconditioner_lists_known_families() -> None:

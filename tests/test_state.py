@@ -35,24 +35,35 @@ def _all_state_tensors(state) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("preconditioner", "curvature"),
+    ("preconditioner", "curvature", "secant_pairs"),
     [
-        ("kron", "whiten"),
-        ("kron", "hvp"),
-        ("diag", "whiten"),
-        ("diag", "fd"),
-        ("lra", "hvp"),
-        ("xmat", "whiten"),
-        ("dense", "fd"),
+        ("kron", "whiten", False),
+        ("kron", "hvp", False),
+        ("kron", "hvp", True),
+        ("diag", "whiten", False),
+        ("diag", "fd", False),
+        ("lra", "hvp", False),
+        ("xmat", "whiten", False),
+        ("dense", "fd", False),
+        ("dense", "fd", True),
     ],
 )
-def test_resume_from_saved_state_is_bitwise_identical(tmp_path, preconditioner: str, curvature: str) -> None:
+def test_resume_from_saved_state_is_bitwise_identical(
+    tmp_path, preconditioner: str, curvature: str, secant_pairs: bool
+) -> None:
     """Train 10 steps; or train 5, save to disk, load (weights_only=True) into fresh objects and
     train 5 more: the parameters must be bit-identical, probes and update decisions included."""
     torch.manual_seed(0)
     reference = TinyTransformer()
     resumed = copy.deepcopy(reference)
-    options = dict(lr=3e-3, preconditioner=preconditioner, curvature=curvature, precond_update_prob=SHORT_SCHEDULE)
+    options = dict(
+        lr=3e-3,
+        preconditioner=preconditioner,
+        curvature=curvature,
+        precond_update_prob=SHORT_SCHEDULE,
+        secant_pairs=secant_pairs,
+        max_dense_size=100_000,
+    )
 
     opt = PSGD(reference.parameters(), **options)
     _run(reference, opt, curvature, range(10))
@@ -117,7 +128,8 @@ def test_state_lives_per_parameter_as_plain_data() -> None:
 def test_non_finite_gradient_or_hvp_skips_the_step_exactly(bad: float, where: str) -> None:
     torch.manual_seed(0)
     model = TinyTransformer()
-    opt = PSGD(model.parameters(), lr=1e-2, curvature="hvp" if where == "hvp" else "whiten", precond_update_prob=1.0)
+    curvature = "hvp" if where == "hvp" else "whiten"
+    opt = PSGD(model.parameters(), lr=1e-2, curvature=curvature, precond_update_prob=1.0, secant_pairs=where == "hvp")
     batch = copy_task_batch(torch.Generator().manual_seed(0))
 
     def good_step() -> None:

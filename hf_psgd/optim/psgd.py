@@ -6,7 +6,8 @@ One step, for every block (a tensor, or a whole param group for the whole-vector
    starts as a plain average, so no bias correction is needed).
 2. On update steps (deterministic credit schedule, see :mod:`.schedules`): fit ``Q`` on one pair
    ``(v, h)`` from the group's curvature source (see :mod:`.curvature`), ``h + damping v`` in place
-   of ``h`` (``P -> |H + damping I|^{-1}``).
+   of ``h`` (``P -> |H + damping I|^{-1}``). With ``secant_pairs`` also, on every step, on the
+   secant pair ``(theta_t - theta_{t-1}, g_t - g_{t-1})`` of the last step.
 3. ``u = P m``; the update-size guard scales ``u`` down to RMS ``<= max_update_rms``.
 4. ``theta <- theta (1 - lr weight_decay) - lr u`` (decoupled weight decay).
 
@@ -87,6 +88,15 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check("damping", damping, num(damping) and damping >= 0, "a number >= 0")
     whiten_momentum = group["whiten_momentum"]
     _check("whiten_momentum", whiten_momentum, isinstance(whiten_momentum, bool), "True or False")
+    secant = group["secant_pairs"]
+    _check("secant_pairs", secant, isinstance(secant, bool), "True or False")
+    _check(
+        "secant_pairs",
+        secant,
+        not secant or curvature != "whiten",
+        "False with curvature='whiten' (a secant pair samples the Hessian, which whitening does not fit): "
+        "use curvature='hvp' or 'fd'",
+    )
     group["precond_dtype"] = _dtype_name(group["precond_dtype"])
     size = group["max_dense_size"]
     _check("max_dense_size", size, isinstance(size, int) and not isinstance(size, bool) and size >= 0, "an int >= 0")
@@ -128,6 +138,12 @@ class PSGD(Optimizer):
         max_update_rms: guard: ``P m`` is scaled down to this RMS per block; ``None`` disables it.
         damping: ``h + damping v`` is fitted instead of ``h`` (bounds ``P`` by ``1 / damping``).
         whiten_momentum: with ``curvature="whiten"``, fit on the momentum instead of the gradient.
+        secant_pairs: with ``curvature="hvp"`` or ``"fd"``, also fit on every step on the secant
+            pair ``(s, y) = (theta_t - theta_{t-1}, g_t - g_{t-1})`` of the last step (``y ~ H s``
+            along the path taken, as in quasi-Newton methods; no extra gradient), rescaled to
+            ``|s|^2 = n`` like a probe. For deterministic objectives only (full batch, no dropout):
+            with mini-batches ``y`` is dominated by batch-to-batch gradient noise. Keeps a copy of
+            the parameters and the gradient per block.
         precond_dtype: storage dtype of the preconditioner (``None``: float32, or float64 for
             float64 parameters); the math always runs in at least float32.
         max_dense_size, max_skew: Kron's rule for a triangular factor on a dim of size ``n`` of a
@@ -173,6 +189,7 @@ class PSGD(Optimizer):
         max_update_rms: float | None = 1.1,
         damping: float = 1e-9,
         whiten_momentum: bool = False,
+        secant_pairs: bool = False,
         precond_dtype: torch.dtype | str | None = None,
         max_dense_size: int = 8192,
         max_skew: float = 1.0,
@@ -194,6 +211,7 @@ class PSGD(Optimizer):
             max_update_rms=max_update_rms,
             damping=damping,
             whiten_momentum=whiten_momentum,
+            secant_pairs=secant_pairs,
             precond_dtype=precond_dtype,
             max_dense_size=max_dense_size,
             max_skew=max_skew,
@@ -544,6 +562,8 @@ class PSGD(Optimizer):
             direction = state["momentum"].lerp_(g, 1.0 - min(group["momentum"], step / (step + 1)))
         if fits:
             self._fit(group, family, state, block, g, direction, products, step)
+        if group["secant_pairs"]:
+            self._fit_secant(group, family, state, block, g)
         update = family.precondition(state, direction)
         if group["max_update_rms"] is not None:
             limit = group["max_update_rms"] * math.sqrt(update.numel())
@@ -595,6 +615,29 @@ class PSGD(Optimizer):
             h = h.add(v, alpha=group["damping"])
         family.update(state, v, h, group)
         state["precond_updates"] += 1
+
+    def _fit_secant(self, group, family, state, block, g: Tensor) -> None:
+        """Fit on ``(s, y) = (theta - theta_prev, g - g_prev)`` scaled by ``sqrt(n) / |s|`` (the size
+        of a Gaussian probe, so ``lipschitz_beta`` tracks both kinds of pair on one scale), with
+        ``y + damping s``; then remember ``theta`` and ``g`` for the next step. Nothing to fit on the
+        first step, while the initial scale is pending, or when ``theta`` did not move."""
+        dtype = torch.promote_types(self._state_dtype(group, block[0]), torch.float32)
+        param = self._gather(block, {p: p.detach() for p in block}).to(dtype)
+        grad = g.to(dtype)
+        if "secant_param" in state and not state["scale_pending"]:
+            s = param - state["secant_param"]
+            norm = s.norm()
+            if bool(norm > 0):
+                scale = math.sqrt(s.numel()) / norm
+                s, y = s * scale, (grad - state["secant_grad"]).mul_(scale)
+                if group["damping"] > 0:
+                    y.add_(s, alpha=group["damping"])
+                family.update(state, s, y, group)
+        if "secant_param" in state:
+            state["secant_param"].copy_(param)
+            state["secant_grad"].copy_(grad)
+        else:
+            state["secant_param"], state["secant_grad"] = param.clone(), grad.clone()
 
     # ----------------------------------------------------------------------------- state dict
 
