@@ -212,12 +212,25 @@ def test_fd_matches_hvp_and_restores_parameters_bitwise() -> None:
     assert torch.equal(x.detach(), before)
 
 
-def test_update_guard_caps_update_rms() -> None:
-    x = torch.nn.Parameter(torch.zeros(10, 10))
-    opt = PSGD([x], lr=1.0, momentum=0.0, precond_init_scale=1.0, precond_update_prob=1e-6, max_update_rms=0.5)
-    x.grad = torch.full((10, 10), 1e6)
-    opt.step()
-    assert x.detach().square().mean().sqrt().item() == pytest.approx(0.5, rel=1e-5)
+def test_update_guard_caps_update_rms_per_tensor_and_group() -> None:
+    """Each tensor's update is capped at its group's ``max_update_rms``; a tensor below the cap, or in
+    a group without the guard, moves exactly as with no guard at all."""
+
+    def run(max_update_rms: float | None) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((10, 10), (4, 3), (6,))]
+        groups = [{"params": params[:2], "max_update_rms": max_update_rms}, {"params": params[2:]}]
+        opt = PSGD(groups, lr=1.0, momentum=0.0, precond_init_scale=1.0, precond_update_prob=1e-6, max_update_rms=None)
+        for p, value in zip(params, (1e6, 0.25, 1e6)):
+            p.grad = torch.full(p.shape, value)
+        opt.step()
+        return [p.detach() for p in params]
+
+    capped, small, free = run(0.5)
+    unguarded = run(None)
+    assert capped.square().mean().sqrt().item() == pytest.approx(0.5, rel=1e-5)
+    assert unguarded[0].square().mean().sqrt().item() > 1e5
+    assert torch.equal(small, unguarded[1]) and small.square().mean().sqrt().item() < 0.5
+    assert torch.equal(free, unguarded[2])
 
 
 def test_decoupled_weight_decay() -> None:
@@ -263,6 +276,11 @@ def test_kron_skips_zero_embedding_rows_with_the_same_result(
         return weight.detach(), opt.state[weight]["Q"]
 
     assert linalg.nonzero_slices(torch.zeros(200, 8).index_fill_(0, torch.tensor([3, 7]), 1.0), 0).tolist() == [3, 7]
+    # the first look at 32 evenly spaced slices (every 6th of 200) decides "not sparse" when most are nonzero
+    every_sixth = torch.zeros(8, 200).index_fill_(1, torch.arange(0, 192, 6), 1.0)
+    assert linalg.nonzero_slices(every_sixth, 1) is None
+    beside_the_sample = torch.zeros(8, 200).index_fill_(1, torch.arange(1, 192, 6), 1.0)
+    assert linalg.nonzero_slices(beside_the_sample, 1).tolist() == list(range(1, 192, 6))
     kept_counts = []
 
     def spy(x: torch.Tensor, dim: int) -> torch.Tensor | None:

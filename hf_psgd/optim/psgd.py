@@ -479,6 +479,7 @@ class PSGD(Optimizer):
             update = self._block_update(group, block, fits, grads, products)
             if update is not None:
                 updates[block[0]] = update
+        self._guard(plans, updates)
         self._apply_updates(plans, updates)
         return loss
 
@@ -547,7 +548,7 @@ class PSGD(Optimizer):
 
     def _block_update(self, group, block, fits, grads, products) -> Tensor | None:
         """Advance the block's schedule counters; on its owner also the momentum, the fit and the
-        guarded update ``u = P m`` (block-shaped), which is returned (``None`` elsewhere)."""
+        update ``u = P m`` (block-shaped, before the guard), which is returned (``None`` elsewhere)."""
         state = self._init_block_state(group, block)
         step = state["step"]
         probability = update_probability(group["precond_update_prob"], step)
@@ -564,11 +565,32 @@ class PSGD(Optimizer):
             self._fit(group, family, state, block, g, direction, products, step)
         if group["secant_pairs"]:
             self._fit_secant(group, family, state, block, g)
-        update = family.precondition(state, direction)
-        if group["max_update_rms"] is not None:
-            limit = group["max_update_rms"] * math.sqrt(update.numel())
-            update.mul_((limit / update.norm().clamp_min(1e-30)).clamp(max=1.0))
-        return update
+        return family.precondition(state, direction)
+
+    @staticmethod
+    def _guard(plans, updates: dict[Tensor, Tensor]) -> None:
+        """The update-size guard: every block's ``u`` scaled down in place to RMS ``<= max_update_rms``
+        of its group. One ``_foreach_norm`` for all blocks; on the CPU only the blocks above the limit
+        are touched (elsewhere every block is multiplied, which avoids a host sync)."""
+        guarded = [
+            (group["max_update_rms"] * math.sqrt(updates[block[0]].numel()), updates[block[0]])
+            for group, block, _ in plans
+            if block[0] in updates and group["max_update_rms"] is not None
+        ]
+        if not guarded:
+            return
+        limits, tensors = zip(*guarded)
+        norms = torch._foreach_norm(list(tensors))
+        device = norms[0].device
+        norms = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
+        scales = (torch.tensor(limits, dtype=torch.float64, device=device) / norms.clamp_min(1e-30)).clamp(max=1.0)
+        if device.type == "cpu":
+            for update, scale in zip(tensors, scales.tolist()):
+                if scale < 1.0:
+                    update.mul_(scale)
+        else:
+            for update, scale in zip(tensors, scales.unbind()):
+                update.mul_(scale.to(update.device))
 
     def _apply_updates(self, plans, updates: dict[Tensor, Tensor]) -> None:
         """Share the owners' updates (sharded: one ``all_gather``), then ``theta <- theta (1 - lr
