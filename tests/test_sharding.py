@@ -189,6 +189,7 @@ def _relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     [
         "preconditioner=kron,curvature=whiten",
         "preconditioner=kron,curvature=hvp",
+        "preconditioner=kron,curvature=hvp,secant_pairs=true",
         "preconditioner=diag,curvature=whiten",
         "preconditioner=lra,curvature=hvp",
     ],

@@ -26,7 +26,10 @@ STEPS, HALF = 20, 10
 
 def parse(options: str) -> dict:
     pairs = dict(item.split("=") for item in options.split(","))
-    return {"preconditioner": pairs["preconditioner"], "curvature": pairs["curvature"]}
+    parsed = {"preconditioner": pairs["preconditioner"], "curvature": pairs["curvature"]}
+    if "secant_pairs" in pairs:
+        parsed["secant_pairs"] = pairs["secant_pairs"] == "true"
+    return parsed
 
 
 def make_optimizer(model: torch.nn.Module, options: dict, shard: bool) -> PSGD:
