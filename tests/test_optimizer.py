@@ -254,6 +254,7 @@ def test_statistics_report_fits_skips_probability_and_scale() -> None:
     diag_scale = opt.state[y]["q"].square().mean()
     assert figures["precond_scale_min"] == pytest.approx(min(kron_scale, diag_scale).item())
     assert figures["precond_scale_max"] == pytest.approx(max(kron_scale, diag_scale).item())
+    assert figures["precond_scale_median"] == pytest.approx(min(kron_scale, diag_scale).item())  # lower middle
 
 
 @pytest.mark.parametrize("whiten_momentum", [False, True])

@@ -356,8 +356,10 @@ class PSGD(Optimizer):
         """Figures for training logs, summed or ranged over all preconditioner blocks:
         ``precond_updates`` (fits done), ``skipped_steps`` (non-finite steps skipped, per block
         count of the most-skipped block), ``update_prob`` (largest current update probability) and
-        ``precond_scale_min`` / ``precond_scale_max`` (range of ``tr(P) / n``: a health figure that
-        shows a preconditioner collapsing or blowing up). One host sync; meant for logging steps.
+        ``precond_scale_min`` / ``precond_scale_median`` / ``precond_scale_max`` (of ``tr(P) / n``
+        over the blocks: a health figure that shows a preconditioner collapsing or blowing up; the
+        median is the typical block, since the extremes can come from parameters with little or no
+        gradient, such as attention key biases). One host sync; meant for logging steps.
         Under sharding: this process's blocks only (no collective)."""
         updates, skipped, probability, scales = 0, 0, 0.0, []
         for group in self.param_groups:
@@ -373,8 +375,8 @@ class PSGD(Optimizer):
         figures = {"precond_updates": float(updates), "skipped_steps": float(skipped), "update_prob": probability}
         if scales:
             stacked = torch.stack([s.to(scales[0].device) for s in scales])
-            low, high = stacked.aminmax()
-            figures["precond_scale_min"], figures["precond_scale_max"] = low.item(), high.item()
+            low, middle, high = torch.stack([stacked.min(), stacked.median(), stacked.max()]).tolist()
+            figures.update(precond_scale_min=low, precond_scale_median=middle, precond_scale_max=high)
         return figures
 
     # ----------------------------------------------------------------------------- probes and H v
