@@ -298,3 +298,22 @@ def test_kron_skips_zero_embedding_rows_with_the_same_result(
     torch.testing.assert_close(sparse_weight, dense_weight, rtol=1e-5, atol=1e-7)
     for sparse, dense in zip(sparse_q, dense_q):
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)
+
+
+def test_kron_with_bf16_storage_applies_its_factors_in_bf16() -> None:
+    """``precond_dtype="bfloat16"``: the fit keeps the factors in bf16 and Kron applies the cached
+    ``P_i`` with bf16 products; the result is ``P_0 G P_1`` of the stored factors to bf16 precision."""
+    weight = _param(20, 20)
+    opt = PSGD([weight], precond_dtype="bfloat16", precond_update_prob=1.0)
+    for seed in range(3):
+        weight.grad = torch.randn(20, 20, generator=torch.Generator().manual_seed(seed))
+        opt.step()
+    state = opt.state[weight]
+    left, right = (p.float() for p in state["P"])
+    assert state["Q"][0].dtype == torch.bfloat16 and left.ndim == right.ndim == 2
+    g = torch.randn(20, 20, generator=torch.Generator().manual_seed(9))
+    result = kron.Kron.precondition(state, g)
+    expected = left @ g @ right
+    assert result.dtype == torch.bfloat16
+    assert ((result.float() - expected).norm() / expected.norm()).item() < 1e-2
+    assert not torch.equal(left, torch.eye(20) * left[0, 0])  # the fit moved P

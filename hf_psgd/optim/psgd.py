@@ -145,7 +145,9 @@ class PSGD(Optimizer):
             with mini-batches ``y`` is dominated by batch-to-batch gradient noise. Keeps a copy of
             the parameters and the gradient per block.
         precond_dtype: storage dtype of the preconditioner (``None``: float32, or float64 for
-            float64 parameters); the math always runs in at least float32.
+            float64 parameters). Fits always run in at least float32; Kron also applies its cached
+            factors in this dtype, so ``"bfloat16"`` halves the memory and makes the products of
+            every step cheaper (bf16 matrix products), at bf16 precision of the update.
         max_dense_size, max_skew: Kron's rule for a triangular factor on a dim of size ``n`` of a
             tensor with ``N`` elements: ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``.
             ``max_dense_size`` also caps the size of a param group with ``preconditioner="dense"``.

@@ -65,7 +65,7 @@ class Preconditioner(ABC):
     @classmethod
     @abstractmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
-        """``P g`` for a block-shaped ``g``, in the state's working dtype."""
+        """``P g`` for a block-shaped ``g``, in the state's working dtype (Kron: its storage dtype)."""
 
     @classmethod
     @abstractmethod

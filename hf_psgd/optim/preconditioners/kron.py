@@ -5,7 +5,8 @@ diagonal ("dense") or on the group of positive diagonal matrices (stored as a ve
 tensor with ``N`` elements gets a dense factor when ``1 < n_i <= max_dense_size`` and
 ``n_i^2 <= max_skew * N``, else a diagonal one; scalars and (with ``max_skew <= 1``) vectors are
 diagonal. ``P = Q^T Q`` acts on a gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``,
-cached after every fit so that preconditioning costs one product per dense factor.
+cached after every fit (in the storage dtype, in which preconditioning then runs: bf16 storage
+means bf16 products) so that preconditioning costs one product per dense factor.
 
 Fit (Li 2015/2018, the triangular "EQ" geometry): with ``A = Q h`` and ``B = Q^{-T} v`` (both
 tensor-shaped), the relative gradient of ``E[h^T P h + v^T P^{-1} v]`` for factor ``i`` is
@@ -226,8 +227,8 @@ class Kron(Preconditioner):
     @classmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         cache = state["P"]
-        x = g.reshape(_work_shape(g.shape)).to(work_dtype(cache[0].dtype))
-        result, dim, kept = cls._apply_all(x, [p.to(x.dtype) for p in cache])
+        x = g.reshape(_work_shape(g.shape)).to(cache[0].dtype)
+        result, dim, kept = cls._apply_all(x, list(cache))
         if kept is not None:
             result = torch.zeros_like(x).index_copy_(dim, kept, result)
         return result.reshape(g.shape)
