@@ -35,7 +35,7 @@ The fit's cost does not depend on the batch, the forward and backward passes gro
 fall as the tokens per step grow (`--seq 512` is the micro-batch shape of `recipes/causal_lm_hub.yaml`).
 
     python scripts/bench_trainer.py [--workload bench|recipe] [--rounds 3] [--steps 6] [--seq 128]
-        [--out scripts/results/trainer.md]
+        [--precond-dtype bfloat16] [--out scripts/results/trainer.md]
 """
 
 from __future__ import annotations
@@ -109,8 +109,12 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def train(name: str, workload: str, steps: int, seq: int, accumulation: int = 1) -> list[float]:
+def train(
+    name: str, workload: str, steps: int, seq: int, accumulation: int = 1, precond_dtype: str | None = None
+) -> list[float]:
     optim, optim_args, lr = CONFIGS[name]
+    if precond_dtype is not None and optim_args is not None:
+        optim_args += f",precond_dtype={precond_dtype}"
     batch = WORKLOADS[workload][1]
     with tempfile.TemporaryDirectory() as tmp:
         args = PSGDTrainingArguments(
@@ -182,7 +186,8 @@ def report(rounds: list[dict[str, list[float]]], memory: dict[int, float], args:
         "",
         f"{args.rounds} rounds x {args.steps} steps (first step of each run excluded); workload "
         f"`{args.workload}`: Llama-style model ({_shape_text(args.workload)}), batch {WORKLOADS[args.workload][1]} "
-        f"x {args.seq} tokens, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. Ratios: median "
+        f"x {args.seq} tokens, PSGD precond_dtype {args.precond_dtype or 'default (float32)'}, CPU, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Ratios: median "
         "over the rounds of the round's median step time over AdamW's in the same round (range in brackets).",
         "",
         "| configuration | step ms (pooled median) | / AdamW, per round |",
@@ -239,6 +244,7 @@ def main() -> None:
     parser.add_argument("--run-length", type=int, default=5000, choices=RUN_LENGTHS)
     parser.add_argument("--workload", default="bench", choices=WORKLOADS, help="model and batch (see the docstring)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--precond-dtype", help="PSGD's precond_dtype for the timed runs (e.g. bfloat16)")
     parser.add_argument("--out", default="scripts/results/trainer.md")
     parser.add_argument("--memory", type=int, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args()
@@ -250,7 +256,9 @@ def main() -> None:
     rounds: list[dict[str, list[float]]] = []
     for round_index in range(args.rounds):
         order = list(CONFIGS) if round_index % 2 == 0 else list(reversed(CONFIGS))
-        rounds.append({name: train(name, args.workload, args.steps, args.seq) for name in order})
+        rounds.append(
+            {name: train(name, args.workload, args.steps, args.seq, precond_dtype=args.precond_dtype) for name in order}
+        )
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     memory = {accumulation: memory_in_subprocess(accumulation, args.workload, args.seq) for accumulation in (1, 4)}
     text = report(rounds, memory, args)
