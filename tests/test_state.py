@@ -62,7 +62,6 @@ def test_resume_from_saved_state_is_bitwise_identical(
         curvature=curvature,
         precond_update_prob=SHORT_SCHEDULE,
         secant_pairs=secant_pairs,
-        max_dense_size=100_000,
     )
 
     opt = PSGD(reference.parameters(), **options)
