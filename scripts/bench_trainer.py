@@ -152,21 +152,23 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_rise(accumulation: int, workload: str, seq: int) -> float:
+def peak_memory_rise(accumulation: int, workload: str, seq: int, precond_dtype: str | None) -> float:
     """MB by which the RSS peaks above its starting level during two HVP-fitting steps (Linux).
 
     A warm-up run of plain steps pays for imports and Trainer first; then free heap is returned to
     the OS (``malloc_trim``) and the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``)."""
-    train("psgd-hvp-apply", workload, steps=2, seq=seq, accumulation=accumulation)
+    train("psgd-hvp-apply", workload, steps=2, seq=seq, accumulation=accumulation, precond_dtype=precond_dtype)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     start = _status_mb("VmRSS")
-    train("psgd-hvp-fit", workload, steps=2, seq=seq, accumulation=accumulation)
+    train("psgd-hvp-fit", workload, steps=2, seq=seq, accumulation=accumulation, precond_dtype=precond_dtype)
     return _status_mb("VmHWM") - start
 
 
-def memory_in_subprocess(accumulation: int, workload: str, seq: int) -> float:
+def memory_in_subprocess(accumulation: int, workload: str, seq: int, precond_dtype: str | None) -> float:
     command = [sys.executable, __file__, "--memory", str(accumulation), "--workload", workload, "--seq", str(seq)]
+    if precond_dtype is not None:
+        command += ["--precond-dtype", precond_dtype]
     # a fixed mmap threshold gives every large tensor its own mapping, so the RSS follows the live tensors;
     # glibc's default (a threshold that grows as memory is freed) adds tens of MB of heap fragmentation
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -251,7 +253,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory is not None:
-        print(json.dumps({"peak_rise_mb": peak_memory_rise(args.memory, args.workload, args.seq)}))
+        print(json.dumps({"peak_rise_mb": peak_memory_rise(args.memory, args.workload, args.seq, args.precond_dtype)}))
         return
     rounds: list[dict[str, list[float]]] = []
     for round_index in range(args.rounds):
@@ -260,7 +262,10 @@ def main() -> None:
             {name: train(name, args.workload, args.steps, args.seq, precond_dtype=args.precond_dtype) for name in order}
         )
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
-    memory = {accumulation: memory_in_subprocess(accumulation, args.workload, args.seq) for accumulation in (1, 4)}
+    memory = {
+        accumulation: memory_in_subprocess(accumulation, args.workload, args.seq, args.precond_dtype)
+        for accumulation in (1, 4)
+    }
     text = report(rounds, memory, args)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
