@@ -9,7 +9,6 @@ The Jinja template is ``hf_psgd/templates/model_card.md`` (shipped with the pack
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -44,16 +43,14 @@ _AUTO_CLASSES = {
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _PSGD_SHOWN = ("curvature", "precond_update_prob", "precond_lr", "momentum")
-_PSGD_DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(PSGD.__init__).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
-}
+_PSGD_DEFAULTS = {name: default for name, (default, _) in PSGD.option_specs().items()}
 
 
 def _hub_id(name: str | None) -> str | None:
-    """``name`` if it reads as a Hub repository id (not a local path or ``module:function``)."""
-    if name is None or Path(name).exists() or not _HUB_ID.fullmatch(name):
+    """``name`` if it reads as a Hub repository id (not a local path, ``module:function`` or built-in model)."""
+    from .recipes.arguments import BUILTIN_MODELS  # here: the recipes package imports this module
+
+    if name is None or name in BUILTIN_MODELS or Path(name).exists() or not _HUB_ID.fullmatch(name):
         return None
     return name
 

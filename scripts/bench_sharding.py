@@ -79,8 +79,9 @@ def worker(out: Path, steps: int, warmup: int) -> None:
         return result
 
     optimizer._block_update = timed_block_update
-    if optimizer._sharding is not None:
-        exchange = optimizer._sharding.exchange
+    distribution = optimizer._distribution
+    if world > 1:
+        exchange = distribution.exchange
 
         def timed_exchange(*args, **kwargs):
             start = perf_counter()
@@ -88,7 +89,7 @@ def worker(out: Path, steps: int, warmup: int) -> None:
             exchange_seconds[0] += perf_counter() - start
             return result
 
-        optimizer._sharding.exchange = timed_exchange
+        distribution.exchange = timed_exchange
     step_times, exchange_times, block_times, block_cpu_times = [], [], [], []
     for step in range(warmup + steps):
         for p, g in zip(model.parameters(), grads):
@@ -105,7 +106,7 @@ def worker(out: Path, steps: int, warmup: int) -> None:
     states = list(optimizer.state.values())
     momentum = sum(_tensor_bytes(s.get("momentum")) for s in states)
     blocks = [_tensor_bytes([v for k, v in s.items() if k != "momentum"]) for s in states]
-    shard = optimizer._sharding.last_shard_numel if optimizer._sharding is not None else 0
+    shard = distribution.last_shard_numel if world > 1 else 0
     result = {
         "rank": rank,
         "world": world,

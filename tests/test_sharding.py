@@ -74,7 +74,7 @@ def test_shard_preconditioners_needs_a_process_group() -> None:
         PSGD(nn.Linear(2, 2).parameters(), shard_preconditioners=True)
     with pytest.raises(ValueError, match="shard_preconditioners='yes'"):
         PSGD(nn.Linear(2, 2).parameters(), shard_preconditioners="yes")
-    assert PSGD(nn.Linear(2, 2).parameters())._sharding is None  # automatic: off without processes
+    assert PSGD(nn.Linear(2, 2).parameters())._distribution.world_size == 1  # automatic: off without processes
 
 
 @pytest.mark.usefixtures("process_group")
@@ -118,11 +118,11 @@ def _assert_identical(got, want) -> None:
 
 @pytest.mark.usefixtures("process_group")
 def test_exchange_packs_owner_updates_in_the_communication_dtype() -> None:
-    from hf_psgd.distributed import PreconditionerSharding
+    from hf_psgd.distributed import DataParallelOwners
 
-    sharding = PreconditionerSharding(None, torch.bfloat16)
+    sharding = DataParallelOwners(None, torch.bfloat16)
     updates = {0: torch.randn(3, 4), 1: torch.randn(5)}
-    shared = sharding.exchange([12, 5], [0, 0], updates)
+    shared = sharding.exchange_flat([12, 5], [0, 0], updates)
     assert sharding.last_shard_numel == 17
     for index, update in updates.items():
         assert shared[index].dtype == torch.bfloat16
@@ -238,10 +238,12 @@ def test_trainer_checkpoints_resume_from_two_processes_to_one_and_back(tmp_path:
 def test_blocks_keep_their_owner_when_param_groups_are_added() -> None:
     first, second = nn.Linear(8, 8), nn.Linear(6, 6)
     opt = PSGD(first.parameters(), shard_preconditioners=True)
-    opt._sharding.world_size = 3  # ownership only: pretend three ranks
-    before = dict(opt._block_owners())
+    opt._distribution.world_size = 3  # ownership only: pretend three ranks
+    opt.statistics()  # assigns the owners
+    before = dict(opt._distribution.owners)
     opt.add_param_group({"params": list(second.parameters())})
-    after = opt._block_owners()
+    opt.statistics()
+    after = opt._distribution.owners
     assert all(after[p] == rank for p, rank in before.items())
     assert set(after) == set(first.parameters()) | set(second.parameters())
 

@@ -7,13 +7,12 @@ exchanges the owners' updates through it. A single process needs none of this.
 
 from .collectives import all_reduce_mean_, end_multiprocess_run, is_multiprocess
 from .ownership import assign_owners
-from .sharding import PreconditionerSharding, reject_sharded_parameters
+from .sharding import DataParallelOwners
 
 __all__ = [
-    "PreconditionerSharding",
+    "DataParallelOwners",
     "all_reduce_mean_",
     "assign_owners",
     "end_multiprocess_run",
     "is_multiprocess",
-    "reject_sharded_parameters",
 ]

@@ -16,27 +16,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PreconditionerSharding", "reject_sharded_parameters"]
+from ..optim.blocks import BlockPlan
+from ..optim.checkpoint import copy_to_device
+from ..optim.distribution import Distribution
+from .collectives import all_reduce_mean_
+from .ownership import assign_owners
+
+__all__ = ["DataParallelOwners"]
+
+#: the per-block state every rank keeps (the update schedule must agree everywhere)
+SCHEDULE_COUNTERS = ("step", "skipped_steps", "update_credit")
 
 
-def reject_sharded_parameters(params: Iterable[Tensor]) -> None:
-    """Raise ``ValueError`` for parameters sharded by FSDP (``DTensor`` of FSDP2, flat parameters of
-    FSDP1): Kronecker factors and whole-vector preconditioners need whole tensors, and fitting them
-    to shards would be silently wrong."""
-    from torch.distributed.tensor import DTensor
-
-    for param in params:
-        if isinstance(param, DTensor) or getattr(param, "_fsdp_flattened", False):
-            kind = "a DTensor (FSDP2 / tensor parallel)" if isinstance(param, DTensor) else "flattened by FSDP"
-            raise ValueError(
-                f"PSGD got a parameter that is {kind}: its preconditioners need whole tensors. Train with DDP "
-                "instead (accelerate launch --multi_gpu, torchrun, or Trainer without fsdp): PSGD then shards its "
-                "preconditioner state over the processes itself (shard_preconditioners), like ZeRO-1."
-            )
-
-
-class PreconditionerSharding:
-    """Ownership and collectives for one process group.
+class DataParallelOwners(Distribution):
+    """Data parallelism with owned preconditioners (ZeRO-1 style): every block has one owner rank,
+    chosen by :func:`.ownership.assign_owners` from the families' cost model; gradients arrive
+    averaged (DDP); one ``all_gather`` per step shares the owners' updates.
 
     Args:
         group: the process group (``None``: the default group).
@@ -50,8 +45,51 @@ class PreconditionerSharding:
         self.communication_dtype = communication_dtype
         #: elements each rank sent in the last exchange (the padded shard width); for benchmarks
         self.last_shard_numel = 0
+        #: owner rank of every block seen so far, keyed by the block's first parameter
+        self.owners: dict[Tensor, int] = {}
 
-    def exchange(self, numels: Sequence[int], owners: Sequence[int], mine: Mapping[int, Tensor]) -> list[Tensor]:
+    def assign(self, plans: Sequence[BlockPlan]) -> None:
+        new = [plan for plan in plans if plan.key not in self.owners]
+        if not new:
+            return
+        costs = [plan.family.cost(plan.shape, plan.group) for plan in new]
+        numels = [plan.shape.numel() for plan in new]
+        ranks = assign_owners([m for m, _ in costs], [f for _, f in costs], numels, self.world_size)
+        self.owners.update({plan.key: rank for plan, rank in zip(new, ranks)})
+
+    def owns(self, plan: BlockPlan) -> bool:
+        return self.owners[plan.key] == self.rank
+
+    def average_(self, tensors: Iterable[Tensor]) -> None:
+        all_reduce_mean_(tensors, self.group)
+
+    def exchange(self, plans: Sequence[BlockPlan], updates: Mapping[Tensor, Tensor]) -> Mapping[Tensor, Tensor]:
+        mine = {i: updates[plan.key] for i, plan in enumerate(plans) if plan.key in updates}
+        numels = [plan.shape.numel() for plan in plans]
+        shared = self.exchange_flat(numels, [self.owners[plan.key] for plan in plans], mine)
+        return {plan.key: u.view(plan.shape) for plan, u in zip(plans, shared)}
+
+    def gather_state(self, local: dict[str, Any], owned: set[int]) -> dict[str, Any]:
+        mine = {index: state for index, state in local["state"].items() if index in owned}
+        mine = copy_to_device(mine, torch.device("cpu"))
+        return {"state": self.gather_states(mine), "param_groups": local["param_groups"]}
+
+    def state_dict(self, local: dict[str, Any], gathered: dict[str, Any] | None) -> dict[str, Any]:
+        if not any(local["state"].values()):  # nothing sharded yet (Accelerate's prepare)
+            return local
+        if gathered is None:
+            raise RuntimeError(
+                f"PSGD's preconditioners are sharded over {self.world_size} processes: call "
+                "optimizer.consolidate_state_dict() on every process first (a collective), then state_dict() on any "
+                "of them. PSGDTrainer does this when it saves a checkpoint; with Accelerate, call it before "
+                "accelerator.save_state(); or build PSGD with shard_preconditioners=False."
+            )
+        return gathered
+
+    def keep_loaded(self, owned: bool, value: dict[str, Any]) -> dict[str, Any]:
+        return value if owned else {key: value[key] for key in SCHEDULE_COUNTERS}
+
+    def exchange_flat(self, numels: Sequence[int], owners: Sequence[int], mine: Mapping[int, Tensor]) -> list[Tensor]:
         """Every block's update on every rank, from the owners' updates ``mine`` (block index ->
         update), by one ``all_gather`` of equal-size buffers (gloo rejects unequal shapes): rank
         ``r`` sends its blocks' updates concatenated in block order, zero-padded to the largest
@@ -86,6 +124,8 @@ class PreconditionerSharding:
         for states in everyone:
             merged.update(states or {})
         return dict(sorted(merged.items()))
+
+
 
 
 def _group_device(group: dist.ProcessGroup | None) -> torch.device:

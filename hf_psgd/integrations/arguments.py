@@ -12,7 +12,6 @@ The update schedule is a number (constant probability) or its keys as ``key:valu
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,10 +75,9 @@ def _schedule(text: str) -> float | dict[str, float]:
 def _option_parsers() -> dict[str, Any]:
     """A text-to-value parser per PSGD option, derived from its default and annotation."""
     parsers = {}
-    for name, parameter in inspect.signature(PSGD.__init__).parameters.items():
-        if name in ("self", *_RESERVED):
+    for name, (default, annotation) in PSGD.option_specs().items():
+        if name in _RESERVED:
             continue
-        default, annotation = parameter.default, str(parameter.annotation)
         if isinstance(default, bool) or "bool" in annotation:
             parse = _boolean
         elif type(default) is int:

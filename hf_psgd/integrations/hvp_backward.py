@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean_, is_multiprocess
 from ..optim import PSGD
+from ..optim.curvature import hessian_vector_products
 
 __all__ = ["HVPBackward", "check_twice_differentiable", "reentrant_checkpointing_modules"]
 
@@ -87,19 +88,12 @@ class HVPBackward:
     def __call__(self, loss: Tensor, **_: object) -> None:
         try:
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            pairs = [
-                (p, g) for p, g in zip(self.params, grads) if p in self.probes and g is not None and g.requires_grad
-            ]
-            if pairs:
-                products = torch.autograd.grad(
-                    [g for _, g in pairs],
-                    [p for p, _ in pairs],
-                    grad_outputs=[self.probes[p].to(g.dtype) for p, g in pairs],
-                    allow_unused=True,
-                )
-                for (p, _), product in zip(pairs, products):
-                    if product is not None:
-                        self.products[p].add_(product)
+            probed = [(p, g) for p, g in zip(self.params, grads) if p in self.probes and g is not None]
+            if probed:
+                params = [p for p, _ in probed]
+                products = hessian_vector_products([g for _, g in probed], params, [self.probes[p] for p in params])
+                for p, product in zip(params, products):
+                    self.products[p].add_(product)
         except RuntimeError as error:
             raise _explain(error) from error
         with torch.no_grad():

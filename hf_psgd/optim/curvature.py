@@ -13,17 +13,21 @@ of a data-parallel run and a training loop that asks for them in advance all dra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "CURVATURES",
+    "HandedProducts",
+    "ProbeSource",
+    "curvature_products",
     "differentiate",
     "finite_difference_hvp",
     "hessian_vector_products",
     "probe_seed",
+    "step_gradients",
 ]
 
 CURVATURES = ("whiten", "hvp", "fd")
@@ -37,6 +41,52 @@ def probe_seed(seed: int, param_index: int, step: int) -> int:
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & _MASK
     return x ^ (x >> 29)
+
+
+class ProbeSource:
+    """Probes ``v ~ N(0, I)`` drawn from ``(seed, parameter index, step)`` alone; parameters are
+    indexed in the order they were added."""
+
+    def __init__(self) -> None:
+        self.index: dict[Tensor, int] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def add(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            self.index.setdefault(p, len(self.index))
+
+    def draw(self, param: Tensor, seed: int, step: int, dtype: torch.dtype) -> Tensor:
+        generator = self._generators.get(param.device)
+        if generator is None:
+            generator = self._generators[param.device] = torch.Generator(device=param.device)
+        generator.manual_seed(probe_seed(seed, self.index[param], step))
+        return torch.randn(param.shape, generator=generator, dtype=dtype, device=param.device)
+
+
+class HandedProducts:
+    """``H v`` handed over by a training loop for the next step, summed over calls."""
+
+    def __init__(self, params: Mapping[Tensor, int]) -> None:
+        self._params = params
+        self._products: dict[Tensor, Tensor] = {}
+
+    def add(self, products: Mapping[Tensor, Tensor]) -> None:
+        for param, product in products.items():
+            if param not in self._params:
+                raise ValueError("accumulate_hvp got a tensor that is not a parameter of this optimizer")
+            if product.shape != param.shape:
+                raise ValueError(
+                    f"accumulate_hvp: product of shape {tuple(product.shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}"
+                )
+            product = product.detach()
+            previous = self._products.get(param)
+            self._products[param] = product.clone() if previous is None else previous.add_(product)
+
+    def take(self) -> dict[Tensor, Tensor]:
+        """The products handed over since the last call."""
+        products, self._products = self._products, {}
+        return products
 
 
 def _zeros_for_none(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
@@ -109,3 +159,69 @@ def finite_difference_hvp(
         for p, original in zip(params, saved):
             p.copy_(original)
     return [(gp - g).div_(delta) for gp, g, delta in zip(perturbed, grads, deltas)]
+
+
+def step_gradients(
+    closure: Callable[[], Tensor] | None, params: Sequence[Tensor], differentiate_loss: bool, create_graph: bool
+) -> tuple[Tensor | None, dict[Tensor, Tensor]]:
+    """The gradients of a step in ``p.grad``, detached: from ``closure`` differentiated here when
+    ``differentiate_loss`` (it returns the loss; with ``create_graph`` the graph is kept for ``H
+    v``), else from the closure's own ``backward()`` or the caller's. Returns the loss (``None``
+    without a closure) and the gradients that carry an autograd graph, for
+    :func:`hessian_vector_products`."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if differentiate_loss:
+        for p, g in zip(params, differentiate(loss, params, create_graph=create_graph)):
+            p.grad = g
+    graphs = {}
+    for p in params:
+        if p.grad is not None and p.grad.requires_grad:
+            graphs[p] = p.grad
+            p.grad = p.grad.detach()
+    return loss, graphs
+
+
+def curvature_products(
+    probes: Mapping[Tensor, tuple[str, Tensor]],
+    grads: Mapping[Tensor, Tensor],
+    graph_grads: Mapping[Tensor, Tensor],
+    handed: Mapping[Tensor, Tensor],
+    closure: Callable[[], Tensor] | None,
+) -> dict[Tensor, Tensor]:
+    """``H v`` (or its finite-difference estimate) for every parameter in ``probes`` (``param ->
+    (curvature, v)``): products ``handed`` over for it, else from its graph-carrying gradient
+    (``"hvp"``) or by re-evaluating the closure (``"fd"``)."""
+    products: dict[Tensor, Tensor] = {}
+    from_graph, from_fd = [], []
+    for p, (curvature, probe) in probes.items():
+        if curvature == "fd":
+            from_fd.append((p, probe))
+        elif p in handed:
+            products[p] = handed[p]
+        elif p in graph_grads:
+            from_graph.append((p, probe))
+        else:
+            raise RuntimeError(
+                "curvature='hvp' needs a Hessian-vector product on this step (the preconditioner is "
+                "fitted now) but the gradients carry no autograd graph. Either call "
+                "loss.backward(create_graph=True) on steps where optimizer.will_update_preconditioner() "
+                "is true, or pass a closure that returns the loss to step(closure), or hand over H v "
+                "for optimizer.hvp_probes() with optimizer.accumulate_hvp()."
+            )
+    if from_graph:
+        params = [p for p, _ in from_graph]
+        hv = hessian_vector_products([graph_grads[p] for p in params], params, [v for _, v in from_graph])
+        products.update(zip(params, hv))
+    if from_fd:
+        if closure is None:
+            raise RuntimeError(
+                "curvature='fd' needs step(closure) with a deterministic closure that returns the loss "
+                "(same batch, no dropout randomness): PSGD re-evaluates it at perturbed parameters"
+            )
+        params = [p for p, _ in from_fd]
+        hv = finite_difference_hvp(closure, params, [grads[p] for p in params], [v for _, v in from_fd])
+        products.update(zip(params, hv))
+    return products

@@ -117,7 +117,7 @@ def main(out: Path, options: dict) -> None:
             "one_to_two": params(one_to_two),
             "rank_preconditioner_bytes": sum(memory),
             "all_preconditioner_bytes": preconditioner_bytes(single_opt),
-            "owners": sorted(set(sharded_opt.optimizer._block_owners().values())),
+            "owners": sorted(set(sharded_opt.optimizer._distribution.owners.values())),
         },
         out / f"rank{rank}.pt",
     )

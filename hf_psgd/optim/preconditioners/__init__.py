@@ -1,6 +1,6 @@
 """Preconditioner families; importing this package registers the built-in ones."""
 
-from .base import PRECONDITIONERS, Preconditioner, get_preconditioner, register_preconditioner
+from .base import PRECONDITIONERS, Preconditioner, family_option_fields, get_preconditioner, register_preconditioner
 from .dense import Dense
 from .diag import Diag
 from .kron import Kron
@@ -15,6 +15,7 @@ __all__ = [
     "Kron",
     "Preconditioner",
     "XMat",
+    "family_option_fields",
     "get_preconditioner",
     "register_preconditioner",
 ]

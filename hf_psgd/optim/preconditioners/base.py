@@ -10,6 +10,7 @@ tensors and numbers (``torch.load(weights_only=True)`` must be able to read it b
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
@@ -17,9 +18,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from ..validation import FamilyOptions
+
 __all__ = [
     "PRECONDITIONERS",
     "Preconditioner",
+    "family_option_fields",
     "get_preconditioner",
     "register_preconditioner",
     "update_lipschitz",
@@ -39,6 +43,8 @@ class Preconditioner(ABC):
 
     name: ClassVar[str]
     scope: ClassVar[Literal["tensor", "group"]]
+    #: the family's own options (fields with defaults; validated by the dataclass)
+    options: ClassVar[type[FamilyOptions]] = FamilyOptions
     #: With whitening (``v`` independent of ``h``) the family can take ``E_v`` in closed form and is
     #: called with ``v=None``; it then adds the damping term ``damping^2 I`` to ``E[h h^T]`` itself.
     integrates_probe: ClassVar[bool] = False
@@ -82,10 +88,20 @@ class Preconditioner(ABC):
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {}
 
 
+def family_option_fields() -> dict[str, dataclasses.Field]:
+    """Every registered family's option fields by name (a name shared by families is one field)."""
+    return {f.name: f for family in PRECONDITIONERS.values() for f in dataclasses.fields(family.options)}
+
+
 def register_preconditioner(cls: type[Preconditioner]) -> type[Preconditioner]:
-    """Class decorator: make a family selectable as ``PSGD(preconditioner=cls.name)``."""
+    """Class decorator: make a family selectable as ``PSGD(preconditioner=cls.name)``. An option
+    name it shares with a registered family must have the same default."""
     if cls.name in PRECONDITIONERS:
         raise ValueError(f"a preconditioner family named {cls.name!r} is already registered")
+    known = family_option_fields()
+    for field in dataclasses.fields(cls.options):
+        if field.name in known and known[field.name].default != field.default:
+            raise ValueError(f"{cls.name}: option {field.name!r} has another default in a registered family")
     PRECONDITIONERS[cls.name] = cls
     return cls
 

@@ -17,15 +17,17 @@ matrix), so ``mu = precond_lr`` is dimensionless. ``triu(a a^T) Q = a * revcumsu
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..linalg import largest_eigenvalue_2x2, work_dtype
+from ..validation import FamilyOptions, check, is_int
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
-__all__ = ["Dense"]
+__all__ = ["Dense", "DenseOptions"]
 
 
 def _triu_outer_times(a: Tensor, q: Tensor) -> Tensor:
@@ -34,12 +36,24 @@ def _triu_outer_times(a: Tensor, q: Tensor) -> Tensor:
     return weighted.flip(0).cumsum(0).flip(0).mul_(a.unsqueeze(1))
 
 
+@dataclass(frozen=True)
+class DenseOptions(FamilyOptions):
+    """``max_dense_size``: the largest param group (in parameters) that gets an ``n x n`` ``Q``."""
+
+    max_dense_size: int = 8192
+
+    def validate(self) -> None:
+        size = self.max_dense_size
+        check("max_dense_size", size, is_int(size) and size >= 0, "an int >= 0")
+
+
 @register_preconditioner
 class Dense(Preconditioner):
     """Full upper-triangular preconditioner over the whole param group (see the module docstring)."""
 
     name = "dense"
     scope = "group"
+    options = DenseOptions
 
     @classmethod
     def init_state(

@@ -30,6 +30,7 @@ result is the same).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,9 +44,10 @@ from ..linalg import (
     spd_norm_lower_bound,
     work_dtype,
 )
+from ..validation import FamilyOptions, check, is_int
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
-__all__ = ["Kron", "factor_is_dense"]
+__all__ = ["Kron", "KronOptions", "factor_is_dense"]
 
 
 def _work_shape(shape: torch.Size) -> torch.Size:
@@ -57,6 +59,21 @@ def factor_is_dense(n: int, numel: int, max_dense_size: int, max_skew: float) ->
     return 1 < n <= max_dense_size and n * n <= max_skew * numel
 
 
+@dataclass(frozen=True)
+class KronOptions(FamilyOptions):
+    """The factor shapes: dim of size ``n`` of a tensor with ``N`` elements gets a triangular factor
+    if ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``, else a diagonal one."""
+
+    max_dense_size: int = 8192
+    max_skew: float = 1.0
+
+    def validate(self) -> None:
+        size, skew = self.max_dense_size, self.max_skew
+        check("max_dense_size", size, is_int(size) and size >= 0, "an int >= 0")
+        skew_ok = isinstance(skew, (int, float)) and not isinstance(skew, bool) and skew >= 0
+        check("max_skew", skew, skew_ok, "a number >= 0 (math.inf: every factor dense)")
+
+
 @register_preconditioner
 class Kron(Preconditioner):
     """Kronecker-factored preconditioner, one factor per tensor dim (see the module docstring)."""
@@ -64,6 +81,7 @@ class Kron(Preconditioner):
     name = "kron"
     scope = "tensor"
     integrates_probe = True
+    options = KronOptions
 
     @classmethod
     def init_state(

@@ -31,15 +31,17 @@ numerically singular, possible at ``precond_lr = 1``) leaves the state as it was
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..linalg import work_dtype
+from ..validation import FamilyOptions, check, is_int
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
-__all__ = ["LRA"]
+__all__ = ["LRA", "LRAOptions"]
 
 
 def _plus_low_rank(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
@@ -52,12 +54,23 @@ def _bound(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
     return x.norm() * (factor @ (factor.mT @ x)).norm() + y.norm() * (factor @ (factor.mT @ y)).norm()
 
 
+@dataclass(frozen=True)
+class LRAOptions(FamilyOptions):
+    """``rank``: the rank of ``U`` and ``V`` (0: a diagonal preconditioner)."""
+
+    rank: int = 10
+
+    def validate(self) -> None:
+        check("rank", self.rank, is_int(self.rank) and self.rank >= 0, "an int >= 0 (0: diagonal)")
+
+
 @register_preconditioner
 class LRA(Preconditioner):
     """Diagonal plus low-rank preconditioner over the whole param group (see the module docstring)."""
 
     name = "lra"
     scope = "group"
+    options = LRAOptions
 
     @classmethod
     def init_state(

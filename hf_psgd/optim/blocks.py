@@ -1,0 +1,120 @@
+"""Preconditioner blocks and the plan of one step.
+
+A block is what one preconditioner acts on: one tensor (``scope = "tensor"`` families) or every
+trainable parameter of a param group flattened into one vector (``scope = "group"``). Its state
+lives in ``optimizer.state[block.key]``, keyed by its first parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .preconditioners import Preconditioner, get_preconditioner
+from .schedules import update_probability
+from .validation import DTYPES
+
+__all__ = ["BlockPlan", "block_statistics", "plan_blocks", "storage_dtype", "work_dtype"]
+
+
+@dataclass(slots=True)
+class BlockPlan:
+    """One block in one step: its param group, parameters, family and whether it fits ``Q`` now."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    family: type[Preconditioner]
+    fits: bool = False
+    shape: torch.Size = field(init=False)
+
+    def __post_init__(self) -> None:
+        first = self.params[0]
+        self.shape = first.shape if len(self.params) == 1 else torch.Size([sum(p.numel() for p in self.params)])
+
+    @property
+    def schedule(self) -> Any:
+        """The group's preconditioner update schedule (:mod:`.schedules`)."""
+        return self.group["precond_update_prob"]
+
+    def new_state(self, owner: bool) -> dict[str, Any]:
+        """Fresh state: the update schedule's counters; on the block's owner also the family's
+        state (``Q = I``, or ``precond_init_scale I``; else the scale is pending, see
+        :mod:`.fitting`), the momentum and the fit counter."""
+        group, first = self.group, self.key
+        state = dict(step=0, skipped_steps=0, update_credit=1.0 - update_probability(self.schedule, 0))
+        if not owner:
+            return state
+        state.update(self.family.init_state(self.shape, group, storage_dtype(group, first), first.device))
+        if group["momentum"] > 0:
+            state["momentum"] = torch.zeros(self.shape, dtype=first.dtype, device=first.device)
+        state["precond_updates"] = 0
+        state["scale_pending"] = group["precond_init_scale"] is None
+        if group["precond_init_scale"] is not None:
+            self.family.set_scale(state, torch.tensor(float(group["precond_init_scale"]), device=first.device))
+        return state
+
+    @property
+    def key(self) -> Tensor:
+        """The parameter that keys the block's state."""
+        return self.params[0]
+
+    def gather(self, tensors: Mapping[Tensor, Tensor]) -> Tensor:
+        """The block-shaped view of per-parameter tensors (zeros where one is missing)."""
+        if len(self.params) == 1:
+            return tensors[self.params[0]]
+        return torch.cat([tensors[p].reshape(-1) if p in tensors else p.new_zeros(p.numel()) for p in self.params])
+
+    def scatter(self, flat: Tensor) -> list[Tensor]:
+        """A block-shaped tensor split back into per-parameter views."""
+        if len(self.params) == 1:
+            return [flat]
+        return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+
+
+def plan_blocks(groups: list[dict[str, Any]]) -> list[BlockPlan]:
+    """Every param group's trainable parameters split into blocks (``fits`` not yet decided)."""
+    plans = []
+    for group in groups:
+        family = get_preconditioner(group["preconditioner"])
+        params = [p for p in group["params"] if p.requires_grad]
+        if family.scope == "tensor":
+            plans.extend(BlockPlan(group, [p], family) for p in params)
+        elif params:
+            plans.append(BlockPlan(group, params, family))
+    return plans
+
+
+def storage_dtype(group: Mapping[str, Any], param: Tensor) -> torch.dtype:
+    """The preconditioner's storage dtype: ``precond_dtype``, else float32 (float64 for float64 parameters)."""
+    if group["precond_dtype"] is not None:
+        return DTYPES[group["precond_dtype"]]
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def work_dtype(group: Mapping[str, Any], param: Tensor) -> torch.dtype:
+    """The dtype of fits and probes: the storage dtype lifted to at least float32."""
+    return torch.promote_types(storage_dtype(group, param), torch.float32)
+
+
+def block_statistics(blocks: Sequence[tuple[BlockPlan, Mapping[str, Any]]]) -> dict[str, float]:
+    """Figures for training logs over ``(plan, state)`` pairs of owned blocks: ``precond_updates``
+    (fits done, summed over blocks), ``skipped_steps`` (of the most-skipped block), ``update_prob``
+    (largest current update probability) and ``precond_scale_min|median|max`` (of ``tr(P) / n``: a
+    health figure; the extremes can come from parameters with little or no gradient, such as
+    attention key biases). One host sync; meant for logging steps."""
+    updates, skipped, probability, scales = 0, 0, 0.0, []
+    for plan, state in blocks:
+        updates += state["precond_updates"]
+        skipped = max(skipped, state["skipped_steps"])
+        probability = max(probability, update_probability(plan.schedule, state["step"]))
+        scales.append(plan.family.mean_diagonal(state))
+    figures = {"precond_updates": float(updates), "skipped_steps": float(skipped), "update_prob": probability}
+    if scales:
+        stacked = torch.stack([s.to(scales[0].device) for s in scales])
+        low, middle, high = torch.stack([stacked.min(), stacked.median(), stacked.max()]).tolist()
+        figures.update(precond_scale_min=low, precond_scale_median=middle, precond_scale_max=high)
+    return figures

@@ -1,0 +1,78 @@
+"""PSGD's options: the shell's own and every family's, merged into one param-group dict.
+
+A family declares its options as a frozen dataclass subclassing
+:class:`~.validation.FamilyOptions` (defaults and validation in its own module); the shell merges
+every registered family's fields into its ``defaults``, so any option can be set per param group.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .curvature import CURVATURES
+from .preconditioners import PRECONDITIONERS, family_option_fields, get_preconditioner
+from .schedules import validate_schedule
+from .validation import check, dtype_name, is_int, is_number, refuse_unknown
+
+__all__ = ["merge_defaults", "option_specs", "validate_group"]
+
+
+def merge_defaults(shell: Mapping[str, Any], family_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The shell's options plus every registered family's (given, else its default)."""
+    fields = family_option_fields()
+    refuse_unknown(family_options, fields, "option")
+    return {**shell, **{name: family_options.get(name, field.default) for name, field in fields.items()}}
+
+
+def option_specs(init: Callable[..., None]) -> dict[str, tuple[Any, str]]:
+    """Every option's ``(default, annotation)``: the keyword arguments of ``init`` with a default,
+    and every registered family's fields."""
+    parameters = inspect.signature(init).parameters.values()
+    specs = {p.name: (p.default, str(p.annotation)) for p in parameters if p.default is not inspect.Parameter.empty}
+    specs.update({name: (field.default, str(field.type)) for name, field in family_option_fields().items()})
+    return specs
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Check one param group's options (the shell's and every family's), normalising in place."""
+    _validate_shell_options(group)
+    get_preconditioner(group["preconditioner"])
+    for family in PRECONDITIONERS.values():
+        family.options.from_group(group)
+
+
+def _validate_shell_options(group: dict[str, Any]) -> None:
+    num = is_number
+    check("lr", group["lr"], num(group["lr"]) and group["lr"] >= 0, "a number >= 0")
+    check("momentum", group["momentum"], num(group["momentum"]) and 0 <= group["momentum"] < 1, "a number in [0, 1)")
+    wd = group["weight_decay"]
+    check("weight_decay", wd, num(wd) and wd >= 0, "a number >= 0")
+    curvature = group["curvature"]
+    check("curvature", curvature, curvature in CURVATURES, f"one of {list(CURVATURES)}")
+    mu = group["precond_lr"]
+    check("precond_lr", mu, num(mu) and 0 < mu <= 1, "a number in (0, 1]")
+    beta = group["lipschitz_beta"]
+    check("lipschitz_beta", beta, num(beta) and 0 <= beta < 1, "a number in [0, 1)")
+    group["precond_update_prob"] = validate_schedule(group["precond_update_prob"])
+    scale = group["precond_init_scale"]
+    check("precond_init_scale", scale, scale is None or (num(scale) and 0 < scale < math.inf), "None or a number > 0")
+    rms = group["max_update_rms"]
+    check("max_update_rms", rms, rms is None or (num(rms) and rms > 0), "None (no guard) or a number > 0")
+    damping = group["damping"]
+    check("damping", damping, num(damping) and damping >= 0, "a number >= 0")
+    whiten_momentum = group["whiten_momentum"]
+    check("whiten_momentum", whiten_momentum, isinstance(whiten_momentum, bool), "True or False")
+    secant = group["secant_pairs"]
+    check("secant_pairs", secant, isinstance(secant, bool), "True or False")
+    check(
+        "secant_pairs",
+        secant,
+        not secant or curvature != "whiten",
+        "False with curvature='whiten' (a secant pair samples the Hessian, which whitening does not fit): "
+        "use curvature='hvp' or 'fd'",
+    )
+    group["precond_dtype"] = dtype_name(group["precond_dtype"], "precond_dtype")
+    check("seed", group["seed"], is_int(group["seed"]), "an int")
