@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from hf_helpers import classification_dataset, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_dataset
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
@@ -131,13 +134,36 @@ def handed_products(monkeypatch):
     return records
 
 
+def _assert_handed_hvp_is_exact(
+    model: nn.Module, reference: nn.Module, loss_of: Callable[[nn.Module], Tensor], handed_products
+) -> None:
+    """The one H v the Trainer handed to PSGD for ``model`` equals the H v of ``loss_of(reference)`` (``reference``:
+    an untouched copy of the untrained ``model``) for the same probe, by double backward with math attention."""
+    ((probes, products),) = handed_products
+    by_name = dict(model.named_parameters())
+    names, params = zip(*reference.named_parameters())
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = torch.autograd.grad(loss_of(reference), params, create_graph=True)
+        expected = torch.autograd.grad(grads, params, [probes[by_name[name]] for name in names])
+    for name, hv in zip(names, expected):
+        torch.testing.assert_close(
+            products[by_name[name]], hv, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"H v of {name}: {m}"
+        )
+
+
+def _causal_lm_loss(data: Dataset) -> Callable[[nn.Module], Tensor]:
+    """A causal LM's loss on all of ``data`` as one batch, normalised like Trainer's (token sum over
+    ``num_items_in_batch``, the batch's label count)."""
+    batch = torch.tensor(data["input_ids"])
+    return lambda model: model(input_ids=batch, labels=batch, num_items_in_batch=batch.numel()).loss
+
+
 @pytest.mark.parametrize("accumulation", [1, 4])
 def test_trainer_hvp_equals_hand_computed_hvp(tmp_path: Path, handed_products, accumulation: int) -> None:
     """The H v PSGD receives in a Trainer step is that of the whole accumulated batch's loss, for
     the step's probe; computed here by hand with torch.autograd on the same batch, normalised like
     Trainer's gradient (token sum over ``num_items_in_batch``, the batch's label count)."""
     model = tiny_gpt2()  # default sdpa attention: the trainer must switch to the math backend
-    reference = tiny_gpt2()
     data = token_dataset(rows=8)
     args = _args(
         tmp_path,
@@ -147,45 +173,20 @@ def test_trainer_hvp_equals_hand_computed_hvp(tmp_path: Path, handed_products, a
         max_grad_norm=0.0,
     )
     PSGDTrainer(model=model, args=args, train_dataset=data).train()
-
-    assert len(handed_products) == 1
-    probes, products = handed_products[0]
-    names = {p: n for n, p in model.named_parameters()}
-    reference_params = dict(reference.named_parameters())
-    batch = torch.tensor(data["input_ids"])
-    params = list(reference.parameters())
-    vs = [probes[dict(model.named_parameters())[n]] for n, _ in reference.named_parameters()]
-    with sdpa_kernel(SDPBackend.MATH):
-        loss = reference(input_ids=batch, labels=batch, num_items_in_batch=batch.numel()).loss
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        expected = torch.autograd.grad(grads, params, vs)
-    for (name, _), hv in zip(reference.named_parameters(), expected):
-        got = products[dict(model.named_parameters())[name]]
-        torch.testing.assert_close(got, hv, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"H v of {name}: {m}")
-    assert set(names.values()) >= set(reference_params)
+    _assert_handed_hvp_is_exact(model, tiny_gpt2(), _causal_lm_loss(data), handed_products)
 
 
 def test_trainer_hvp_of_a_bert_classifier_equals_hand_computed_hvp(tmp_path: Path, handed_products) -> None:
     """BERT's classification loss accepts but ignores ``num_items_in_batch``, so Trainer does not
     divide it by the accumulation steps: its gradient is the sum of the micro-batch means. H v must
     be scaled the same way: here, with 2 equal micro-batches, twice the full-batch mean's."""
-    model, reference = tiny_bert_classifier(), tiny_bert_classifier()
+    model = tiny_bert_classifier()
     data = classification_dataset(rows=8)
     args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0)
     PSGDTrainer(model=model, args=args, train_dataset=data).train()
 
-    probes, products = handed_products[0]
-    current = dict(model.named_parameters())
-    params = list(reference.parameters())
-    vs = [probes[current[name]] for name, _ in reference.named_parameters()]
-    with sdpa_kernel(SDPBackend.MATH):
-        loss = 2 * reference(input_ids=torch.tensor(data["input_ids"]), labels=torch.tensor(data["labels"])).loss
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        expected = torch.autograd.grad(grads, params, vs)
-    for (name, _), hv in zip(reference.named_parameters(), expected):
-        torch.testing.assert_close(
-            products[current[name]], hv, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"H v of {name}: {m}"
-        )
+    inputs = {"input_ids": torch.tensor(data["input_ids"]), "labels": torch.tensor(data["labels"])}
+    _assert_handed_hvp_is_exact(model, tiny_bert_classifier(), lambda ref: 2 * ref(**inputs).loss, handed_products)
 
 
 def test_hvp_only_on_fitting_steps_and_logs_psgd_figures(tmp_path: Path, handed_products) -> None:
@@ -213,11 +214,16 @@ def test_reentrant_checkpointing_is_refused_before_a_wrong_hvp(tmp_path: Path) -
         trainer.train()
 
 
-def test_non_reentrant_checkpointing_trains_with_hvp(tmp_path: Path) -> None:
-    args = _args(tmp_path, activation_checkpointing=True)
-    trainer = PSGDTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
-    trainer.train()
-    assert all(math.isfinite(p.detach().sum().item()) for p in trainer.model.parameters())
+def test_non_reentrant_checkpointing_hands_the_exact_hvp(tmp_path: Path, handed_products) -> None:
+    """Checkpointed layers recompute their forward inside the backward: the H v PSGD receives must
+    still equal the one computed by hand on a model without checkpointing."""
+    model = tiny_gpt2()
+    data = token_dataset(rows=4)
+    args = _args(tmp_path, activation_checkpointing=True, max_steps=1)
+    PSGDTrainer(model=model, args=args, train_dataset=data).train()
+
+    assert model.is_activation_checkpointing
+    _assert_handed_hvp_is_exact(model, tiny_gpt2(), _causal_lm_loss(data), handed_products)
 
 
 def test_attention_without_double_backward_fails_fast() -> None:
@@ -252,10 +258,16 @@ def test_plain_trainer_with_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
 
 
 def test_loss_falls_with_hvp_and_whitening(tmp_path: Path) -> None:
+    """30 steps on a learnable pattern: the loss on the training rows ends at least 0.5 nats below
+    the untrained model's (3.81 nats; whitening reaches about 2.0, hvp about 2.7)."""
+    data = token_dataset(rows=32)
     for optim_args, lr in (("curvature=whiten", 1e-2), ("curvature=hvp", 0.3)):
         args = _args(tmp_path, max_steps=30, learning_rate=lr, optim_args=optim_args, lr_scheduler_type="constant")
-        history = PSGDTrainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset(rows=32)).train()
-        assert history.training_loss < math.log(64), optim_args
+        trainer = PSGDTrainer(model=tiny_gpt2(), args=args, train_dataset=data)
+        untrained = trainer.evaluate(data)["eval_loss"]
+        trainer.train()
+        trained = trainer.evaluate(data)["eval_loss"]
+        assert trained < untrained - 0.5, (optim_args, untrained, trained)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -15,12 +15,14 @@ from hf_psgd import PSGDTrainer, PSGDTrainingArguments  # noqa: E402
 from hf_psgd.distributed import end_multiprocess_run  # noqa: E402
 
 
-def main(out: Path, optim_args: str) -> None:
+def train(out: Path, optim_args: str, accumulation: int) -> PSGDTrainer:
+    """4 steps of micro-batches of 2 rows: with 2 processes and ``accumulation=2``, or 1 process and
+    ``accumulation=4``, the same 8 rows per step."""
     args = PSGDTrainingArguments(
         output_dir=str(out / "run"),
         max_steps=4,
         per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
+        gradient_accumulation_steps=accumulation,
         learning_rate=0.3,
         optim="psgd_kron",
         optim_args=optim_args,
@@ -32,6 +34,11 @@ def main(out: Path, optim_args: str) -> None:
     )
     trainer = PSGDTrainer(model=tiny_llama(), args=args, train_dataset=token_dataset(rows=32))
     trainer.train()
+    return trainer
+
+
+def main(out: Path, optim_args: str) -> None:
+    trainer = train(out, optim_args, accumulation=2)
     world = trainer.accelerator.num_processes
     rank = trainer.accelerator.process_index
     torch.save(
