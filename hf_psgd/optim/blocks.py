@@ -102,17 +102,24 @@ def work_dtype(group: Mapping[str, Any], param: Tensor) -> torch.dtype:
 
 def block_statistics(blocks: Sequence[tuple[BlockPlan, Mapping[str, Any]]]) -> dict[str, float]:
     """Figures for training logs over ``(plan, state)`` pairs of owned blocks: ``precond_updates``
-    (fits done, summed over blocks), ``skipped_steps`` (of the most-skipped block), ``update_prob``
+    (fits tried, summed over blocks), ``rejected_fits`` (fits undone: a stall or a non-finite result,
+    see :mod:`.fitting`; summed), ``skipped_steps`` (of the most-skipped block), ``update_prob``
     (largest current update probability) and ``precond_scale_min|median|max`` (of ``tr(P) / n``: a
     health figure; the extremes can come from parameters with little or no gradient, such as
-    attention key biases). One host sync; meant for logging steps."""
-    updates, skipped, probability, scales = 0, 0, 0.0, []
+    attention key biases). Two host syncs; meant for logging steps."""
+    updates, skipped, probability, scales, rejected = 0, 0, 0.0, [], []
     for plan, state in blocks:
         updates += state["precond_updates"]
+        if "rejected_fits" in state:
+            rejected.append(state["rejected_fits"])
         skipped = max(skipped, state["skipped_steps"])
         probability = max(probability, update_probability(plan.schedule, state["step"]))
         scales.append(plan.family.mean_diagonal(state))
     figures = {"precond_updates": float(updates), "skipped_steps": float(skipped), "update_prob": probability}
+    if rejected:
+        figures["rejected_fits"] = float(torch.stack([r.to(rejected[0].device) for r in rejected]).sum())
+    else:
+        figures["rejected_fits"] = 0.0
     if scales:
         stacked = torch.stack([s.to(scales[0].device) for s in scales])
         low, middle, high = torch.stack([stacked.min(), stacked.median(), stacked.max()]).tolist()

@@ -1,10 +1,15 @@
-"""One fit of a block's preconditioner on a pair ``(v, h)``, with the initial scale and damping.
+"""Fits of a block's preconditioner: the initial scale, damping, and the check of every fit.
 
 ``Q`` starts as ``scale I`` with ``scale = (mean v^2)^{1/4} (mean h^4)^{-1/8}`` from the first pair
 (``(mean h^4)^{-1/8}`` when the family integrates the probe out), so that ``P h`` and ``v`` have
 comparable sizes from the first step; the fit is deferred while that scale is not a positive
 finite number (``h`` all zeros). The family then fits ``h + damping v`` (``P -> |H + damping
 I|^{-1}``); families that integrate the probe add the damping term themselves.
+
+Every fit is checked on the device, with no host synchronisation: a fit on a pair with ``h = 0``
+(a stall: no gradient, so nothing is learnt about the curvature, while the fit would inflate ``P``
+towards ``1 / damping``) and a fit whose result is not finite anywhere (bound, ``Q``, ``P``) are
+undone, and ``state["rejected_fits"]`` counts them.
 """
 
 from __future__ import annotations
@@ -12,18 +17,44 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .preconditioners import Preconditioner
 
-__all__ = ["fit_preconditioner"]
+__all__ = ["checked_update", "fit_preconditioner", "fitted_tensors"]
+
+
+def fitted_tensors(family: type[Preconditioner], state: Mapping[str, Any]) -> list[Tensor]:
+    """The tensors of the family's state (``family.state_keys``), lists flattened."""
+    tensors = []
+    for key in family.state_keys:
+        value = state[key]
+        tensors.extend(value if isinstance(value, list) else [value])
+    return tensors
+
+
+def checked_update(
+    family: type[Preconditioner], state: dict[str, Any], v: Tensor | None, h: Tensor, raw_h: Tensor, options: Any
+) -> None:
+    """``family.update(state, v, h, options)``, undone where ``raw_h`` (``h`` before damping) is all
+    zeros or any fitted tensor comes out non-finite; ``state["rejected_fits"]`` counts the undone."""
+    tensors = fitted_tensors(family, state)
+    saved = [t.clone() for t in tensors]
+    family.update(state, v, h, options)
+    accepted = raw_h.ne(0).any() & torch.stack([t.isfinite().all() for t in tensors]).all()
+    for tensor, old in zip(tensors, saved):
+        tensor.copy_(torch.where(accepted, tensor, old))
+    if "rejected_fits" not in state:
+        state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=accepted.device)
+    state["rejected_fits"] += ~accepted
 
 
 def fit_preconditioner(
     family: type[Preconditioner], state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]
 ) -> None:
-    """Set the initial scale if it is pending, then one fit of ``Q`` on ``(v, h + damping v)``;
-    ``state["precond_updates"]`` counts the fits."""
+    """Set the initial scale if it is pending, then one checked fit of ``Q`` on ``(v, h + damping v)``;
+    ``state["precond_updates"]`` counts the fits tried."""
     if state["scale_pending"]:
         scale = h.pow(4).mean().pow(-0.125)
         if v is not None:
@@ -32,7 +63,6 @@ def fit_preconditioner(
             return
         family.set_scale(state, scale)
         state["scale_pending"] = False
-    if v is not None and options["damping"] > 0:
-        h = h.add(v, alpha=options["damping"])
-    family.update(state, v, h, options)
+    damped = h.add(v, alpha=options["damping"]) if v is not None and options["damping"] > 0 else h
+    checked_update(family, state, v, damped, h, options)
     state["precond_updates"] += 1

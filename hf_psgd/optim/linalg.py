@@ -18,6 +18,7 @@ __all__ = [
     "gram_along",
     "largest_eigenvalue_2x2",
     "nonzero_slices",
+    "power_of_two_scale",
     "solve_transpose_along",
     "spd_norm_lower_bound",
     "to_rows",
@@ -104,16 +105,29 @@ def nonzero_slices(x: Tensor, dim: int) -> Tensor | None:
     return indices if indices.numel() <= SPARSE_SLICE_FRACTION * mask.numel() else None
 
 
+def power_of_two_scale(x: Tensor) -> Tensor:
+    """``2^-k`` (0-dim, ``x``'s dtype) with ``2^k`` near ``max |x|`` (1 for an all-zero or
+    non-finite ``x``): scaling by it is exact, and squares and products of the scaled entries
+    cannot overflow. No host synchronisation."""
+    peak = x.detach().abs().amax()
+    exponent = torch.frexp(peak).exponent.clamp_min(-120)  # 2^120 is finite in every work dtype
+    ok = peak.isfinite() & (peak > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(peak), -exponent), torch.ones_like(peak))
+
+
 def spd_norm_lower_bound(a: Tensor) -> Tensor:
     """A cheap lower bound of the spectral norm of a symmetric positive semi-definite matrix.
 
     One power-iteration step from the row ``x = A e_j`` of largest norm: ``|A x| / |x|``. For PSD
-    ``A`` this is at least ``|A e_j|`` and at most ``|A|_2``. No host synchronisation.
+    ``A`` this is at least ``|A e_j|`` and at most ``|A|_2``. Computed on ``A`` scaled by a power of
+    two (exact), so every finite ``A`` gives a finite bound. No host synchronisation.
     """
+    scale = power_of_two_scale(a)
+    a = a * scale
     row_norms = a.square().sum(dim=1)
     x = a.index_select(0, row_norms.argmax().view(1))
     ax = x @ a
-    return ax.norm() / x.norm().clamp_min(torch.finfo(a.dtype).tiny)
+    return ax.norm() / x.norm().clamp_min(torch.finfo(a.dtype).tiny) / scale
 
 
 def largest_eigenvalue_2x2(alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 After a step from ``theta_{t-1}`` to ``theta_t`` the pair ``(s, y) = (theta_t - theta_{t-1}, g_t -
 g_{t-1})`` satisfies ``y ~ H s`` along the path taken, for free (no extra gradient). It is scaled
 by ``sqrt(n) / |s|`` to the size of a Gaussian probe (so ``lipschitz_beta`` tracks both kinds of
-pair on one scale) and fitted as ``(s, y + damping s)``. For deterministic objectives only: with
+pair on one scale) and fitted as ``(s, y + damping s)``, checked as every fit
+(:func:`.fitting.checked_update`). For deterministic objectives only: with
 mini-batches ``y`` is dominated by batch-to-batch gradient noise.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .fitting import checked_update
 from .preconditioners import Preconditioner
 
 __all__ = ["fit_secant_pair"]
@@ -32,9 +34,8 @@ def fit_secant_pair(
         if bool(norm > 0):
             scale = math.sqrt(s.numel()) / norm
             s, y = s * scale, (grad - state["secant_grad"]).mul_(scale)
-            if options["damping"] > 0:
-                y.add_(s, alpha=options["damping"])
-            family.update(state, s, y, options)
+            damped = y.add(s, alpha=options["damping"]) if options["damping"] > 0 else y
+            checked_update(family, state, s, damped, y, options)
     if "secant_param" in state:
         state["secant_param"].copy_(param)
         state["secant_grad"].copy_(grad)

@@ -30,12 +30,22 @@ __all__ = [
 ]
 
 
+#: a bound above ``LIPSCHITZ_JUMP`` times the running ``L`` moves ``L`` only that far (see :func:`update_lipschitz`)
+LIPSCHITZ_JUMP = 10.0
+
+
 def update_lipschitz(lipschitz: Tensor, bound: Tensor, beta: float) -> Tensor:
-    """``L <- max(beta L + (1 - beta) l, l)`` in place, with ``l`` a lower bound of the curvature of
-    the fitting criterion along the step; returns ``L``. ``precond_lr / L`` is then a step size that
-    is dimensionless and safe for any ``precond_lr`` in ``(0, 1]``; the EMA (``beta > 0``) smooths
-    noisy bounds (whitening), ``beta = 0`` reacts at once (exact, noise-free ``H v``)."""
-    return torch.maximum(lipschitz.mul_(beta).add_(bound, alpha=1 - beta), bound, out=lipschitz)
+    """``L <- max(beta L + (1 - beta) l', l')`` in place, with ``l`` a lower bound of the curvature
+    of the fitting criterion along the step and ``l' = min(l, LIPSCHITZ_JUMP L)`` (``l`` while ``L``
+    is 0); returns ``max(L, l)``, the bound that normalises this step. ``precond_lr / max(L, l)`` is a
+    step size that is dimensionless and safe for any ``precond_lr`` in ``(0, 1]``; the EMA
+    (``beta > 0``) smooths noisy bounds (whitening), ``beta = 0`` reacts at once (exact ``H v``).
+    Capping what one bound adds keeps a single spike of the gradients from holding ``L`` up (and
+    the fit's step down) for hundreds of fits; a lasting change of scale is followed by a factor
+    ``LIPSCHITZ_JUMP`` per fit."""
+    limited = torch.where(lipschitz > 0, torch.minimum(bound, lipschitz * LIPSCHITZ_JUMP), bound)
+    torch.maximum(lipschitz.mul_(beta).add_(limited, alpha=1 - beta), limited, out=lipschitz)
+    return torch.maximum(lipschitz, bound)
 
 
 class Preconditioner(ABC):
@@ -43,6 +53,8 @@ class Preconditioner(ABC):
 
     name: ClassVar[str]
     scope: ClassVar[Literal["tensor", "group"]]
+    #: the keys of the state it fits (tensors, or lists of tensors), checked after every fit
+    state_keys: ClassVar[tuple[str, ...]]
     #: the family's own options (fields with defaults; validated by the dataclass)
     options: ClassVar[type[FamilyOptions]] = FamilyOptions
     #: With whitening (``v`` independent of ``h``) the family can take ``E_v`` in closed form and is

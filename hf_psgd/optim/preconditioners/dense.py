@@ -52,6 +52,7 @@ class Dense(Preconditioner):
     """Full upper-triangular preconditioner over the whole param group (see the module docstring)."""
 
     name = "dense"
+    state_keys = ("Q", "lipschitz")
     scope = "group"
     options = DenseOptions
 

@@ -30,6 +30,7 @@ class Diag(Preconditioner):
     """Elementwise diagonal preconditioner (see the module docstring)."""
 
     name = "diag"
+    state_keys = ("q",)
     scope = "tensor"
 
     @classmethod

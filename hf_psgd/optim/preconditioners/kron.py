@@ -79,6 +79,7 @@ class Kron(Preconditioner):
     """Kronecker-factored preconditioner, one factor per tensor dim (see the module docstring)."""
 
     name = "kron"
+    state_keys = ("Q", "P", "lipschitz")
     scope = "tensor"
     integrates_probe = True
     options = KronOptions

@@ -69,6 +69,7 @@ class LRA(Preconditioner):
     """Diagonal plus low-rank preconditioner over the whole param group (see the module docstring)."""
 
     name = "lra"
+    state_keys = ("d", "U", "V", "lipschitz")
     scope = "group"
     options = LRAOptions
 

@@ -52,6 +52,7 @@ class XMat(Preconditioner):
     """X-shaped (diagonal plus anti-diagonal) preconditioner over the whole param group."""
 
     name = "xmat"
+    state_keys = ("a", "b")
     scope = "group"
 
     @classmethod
