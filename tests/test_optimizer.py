@@ -31,7 +31,7 @@ def _param(*shape: int, seed: int = 0) -> torch.nn.Parameter:
         ("precond_update_prob", 0.0, "(0, 1]"),
         ("precond_update_prob", {"flat": 3}, "unknown keys"),
         ("precond_update_prob", {"min_prob": 2.0}, "0 < min_prob <= 1"),
-        ("precond_init_scale", 0.0, "None or a number > 0"),
+        ("precond_init_scale", 0.0, "None or a finite number > 0"),
         ("max_update_rms", -1.0, "None (no guard)"),
         ("damping", -1e-9, ">= 0"),
         ("whiten_momentum", "yes", "True or False"),

@@ -24,7 +24,8 @@ from .ownership import assign_owners
 
 __all__ = ["DataParallelOwners"]
 
-#: the per-block state every rank keeps (the update schedule must agree everywhere)
+#: the per-block state every rank keeps (the update schedule must agree everywhere; a whole-vector
+#: block's members, ``"block"``, too)
 SCHEDULE_COUNTERS = ("step", "skipped_steps", "update_credit")
 
 
@@ -87,7 +88,7 @@ class DataParallelOwners(Distribution):
         return gathered
 
     def keep_loaded(self, owned: bool, value: dict[str, Any]) -> dict[str, Any]:
-        return value if owned else {key: value[key] for key in SCHEDULE_COUNTERS}
+        return value if owned else {key: value[key] for key in (*SCHEDULE_COUNTERS, "block") if key in value}
 
     def exchange_flat(self, numels: Sequence[int], owners: Sequence[int], mine: Mapping[int, Tensor]) -> list[Tensor]:
         """Every block's update on every rank, from the owners' updates ``mine`` (block index ->

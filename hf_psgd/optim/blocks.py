@@ -41,11 +41,16 @@ class BlockPlan:
         return self.group["precond_update_prob"]
 
     def new_state(self, owner: bool) -> dict[str, Any]:
-        """Fresh state: the update schedule's counters; on the block's owner also the family's
+        """Fresh state: the update schedule's counters (and a whole-vector block's members, as
+        indices into the group's parameters, so that freezing one keeps the block); on the block's
+        owner also the family's
         state (``Q = I``, or ``precond_init_scale I``; else the scale is pending, see
         :mod:`.fitting`), the momentum and the fit counter."""
         group, first = self.group, self.key
         state = dict(step=0, skipped_steps=0, update_credit=1.0 - update_probability(self.schedule, 0))
+        if self.family.scope == "group":
+            members = {id(p) for p in self.params}
+            state["block"] = [i for i, p in enumerate(group["params"]) if id(p) in members]
         if not owner:
             return state
         state.update(self.family.init_state(self.shape, group, storage_dtype(group, first), first.device))
@@ -75,17 +80,37 @@ class BlockPlan:
         return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
 
-def plan_blocks(groups: list[dict[str, Any]]) -> list[BlockPlan]:
-    """Every param group's trainable parameters split into blocks (``fits`` not yet decided)."""
+def plan_blocks(groups: list[dict[str, Any]], states: Mapping[Tensor, Mapping[str, Any]]) -> list[BlockPlan]:
+    """Every param group split into blocks (``fits`` not yet decided): a block per trainable tensor,
+    or one per group for whole-vector families (the members recorded in its state, else the
+    trainable parameters)."""
     plans = []
     for group in groups:
         family = get_preconditioner(group["preconditioner"])
-        params = [p for p in group["params"] if p.requires_grad]
+        trainable = [p for p in group["params"] if p.requires_grad]
         if family.scope == "tensor":
-            plans.extend(BlockPlan(group, [p], family) for p in params)
-        elif params:
-            plans.append(BlockPlan(group, params, family))
+            plans.extend(BlockPlan(group, [p], family) for p in trainable)
+            continue
+        members = _recorded_members(group, states)
+        if members is not None and any(all(p is not m for m in members) for p in trainable):
+            raise ValueError(
+                f"preconditioner={group['preconditioner']!r}: a parameter of this param group became trainable "
+                "after the group's preconditioner was made, which cannot grow; put it in a new param group "
+                "(optimizer.add_param_group)"
+            )
+        members = members if members is not None else trainable
+        if members:
+            plans.append(BlockPlan(group, members, family))
     return plans
+
+
+def _recorded_members(group: Mapping[str, Any], states: Mapping[Tensor, Mapping[str, Any]]) -> list[Tensor] | None:
+    params = group["params"]
+    for p in params:
+        recorded = (states.get(p) or {}).get("block")
+        if recorded is not None:
+            return [params[i] for i in recorded]
+    return None
 
 
 def storage_dtype(group: Mapping[str, Any], param: Tensor) -> torch.dtype:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["copy_to_device"]
+from .blocks import BlockPlan, storage_dtype
+
+__all__ = ["check_loaded_state", "copy_to_device"]
 
 
 def copy_to_device(value: Any, device: torch.device) -> Any:
@@ -19,3 +22,45 @@ def copy_to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(copy_to_device(v, device) for v in value)
     return value
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, list):
+        return [tuple(t.shape) for t in value]
+    return tuple(value.shape)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def check_loaded_state(plan: BlockPlan, state: Mapping[str, Any], index: int) -> None:
+    """Refuse, in one line, a block's loaded state (parameter ``index`` in ``state_dict`` order) that
+    another family or another shape of block made, or with a value that is not finite. A state of
+    counters only (what a process keeps of blocks it does not own under sharding) passes."""
+    where = f"load_state_dict: state of parameter {index}"
+    keys = plan.family.state_keys
+    present = [key for key in keys if key in state]
+    if present and len(present) < len(keys) or not present and "precond_updates" in state:
+        raise ValueError(f"{where} has keys {sorted(state)}, not those of preconditioner={plan.family.name!r} {keys}")
+    if present:
+        dtype = storage_dtype(plan.group, plan.key)
+        fresh = plan.family.init_state(plan.shape, plan.group, dtype, torch.device("meta"))
+        for key in keys:
+            if _shapes(state[key]) != _shapes(fresh[key]):
+                raise ValueError(
+                    f"{where}: {key!r} has shape {_shapes(state[key])}, but preconditioner={plan.family.name!r} of a "
+                    f"block of shape {tuple(plan.shape)} has {_shapes(fresh[key])} (saved for another model?)"
+                )
+    if "momentum" in state and tuple(state["momentum"].shape) != tuple(plan.shape):
+        shape = tuple(state["momentum"].shape)
+        raise ValueError(f"{where}: momentum of shape {shape} for a block of shape {tuple(plan.shape)}")
+    for tensor in _tensors(state):
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ValueError(f"{where}: a value is not finite (NaN or Inf), which would poison training")

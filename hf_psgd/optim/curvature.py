@@ -178,6 +178,11 @@ def step_gradients(
             p.grad = g
     graphs = {}
     for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(
+                f"PSGD got a sparse gradient for a parameter of shape {tuple(p.shape)}: preconditioners need dense "
+                "gradients; build the layer with sparse=False (e.g. nn.Embedding(..., sparse=False))"
+            )
         if p.grad is not None and p.grad.requires_grad:
             graphs[p] = p.grad
             p.grad = p.grad.detach()

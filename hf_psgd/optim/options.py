@@ -8,16 +8,20 @@ every registered family's fields into its ``defaults``, so any option can be set
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from torch import Tensor
 
 from .curvature import CURVATURES
 from .preconditioners import PRECONDITIONERS, family_option_fields, get_preconditioner
 from .schedules import validate_schedule
 from .validation import check, dtype_name, is_int, is_number, refuse_unknown
 
-__all__ = ["merge_defaults", "option_specs", "validate_group"]
+__all__ = ["check_param_group", "merge_defaults", "option_specs", "validate_group"]
+
+#: param-group keys that are not options: torch.optim's own, learning-rate schedulers', a label
+_OTHER_GROUP_KEYS = ("params", "param_names", "initial_lr", "name")
 
 
 def merge_defaults(shell: Mapping[str, Any], family_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -36,6 +40,25 @@ def option_specs(init: Callable[..., None]) -> dict[str, tuple[Any, str]]:
     return specs
 
 
+def check_param_group(group: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Refuse, before ``torch.optim`` takes it, a param group without ``params``, with an unknown key,
+    with a parameter listed twice, or with a complex parameter (normalises ``params`` to a list)."""
+    if not isinstance(group, Mapping) or "params" not in group:
+        raise ValueError("PSGD got a param group without 'params': expected a dict like {'params': [...], 'lr': 0.1}")
+    refuse_unknown(group, [*defaults, *_OTHER_GROUP_KEYS], "param group key")
+    params = group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("PSGD got a parameter more than once in a param group: list each parameter once")
+    for p in params:
+        if isinstance(p, Tensor) and p.is_complex():
+            raise ValueError(
+                f"PSGD got a complex parameter of shape {tuple(p.shape)}: its preconditioners are real; keep a real "
+                "parameter (torch.view_as_real) and view it as complex in the forward (torch.view_as_complex)"
+            )
+    group["params"] = params
+
+
 def validate_group(group: dict[str, Any]) -> None:
     """Check one param group's options (the shell's and every family's), normalising in place."""
     _validate_shell_options(group)
@@ -46,10 +69,10 @@ def validate_group(group: dict[str, Any]) -> None:
 
 def _validate_shell_options(group: dict[str, Any]) -> None:
     num = is_number
-    check("lr", group["lr"], num(group["lr"]) and group["lr"] >= 0, "a number >= 0")
+    check("lr", group["lr"], num(group["lr"]) and group["lr"] >= 0, "a finite number >= 0")
     check("momentum", group["momentum"], num(group["momentum"]) and 0 <= group["momentum"] < 1, "a number in [0, 1)")
     wd = group["weight_decay"]
-    check("weight_decay", wd, num(wd) and wd >= 0, "a number >= 0")
+    check("weight_decay", wd, num(wd) and wd >= 0, "a finite number >= 0")
     curvature = group["curvature"]
     check("curvature", curvature, curvature in CURVATURES, f"one of {list(CURVATURES)}")
     mu = group["precond_lr"]
@@ -58,11 +81,11 @@ def _validate_shell_options(group: dict[str, Any]) -> None:
     check("lipschitz_beta", beta, num(beta) and 0 <= beta < 1, "a number in [0, 1)")
     group["precond_update_prob"] = validate_schedule(group["precond_update_prob"])
     scale = group["precond_init_scale"]
-    check("precond_init_scale", scale, scale is None or (num(scale) and 0 < scale < math.inf), "None or a number > 0")
+    check("precond_init_scale", scale, scale is None or (num(scale) and scale > 0), "None or a finite number > 0")
     rms = group["max_update_rms"]
-    check("max_update_rms", rms, rms is None or (num(rms) and rms > 0), "None (no guard) or a number > 0")
+    check("max_update_rms", rms, rms is None or (num(rms) and rms > 0), "None (no guard) or a finite number > 0")
     damping = group["damping"]
-    check("damping", damping, num(damping) and damping >= 0, "a number >= 0")
+    check("damping", damping, num(damping) and damping >= 0, "a finite number >= 0")
     whiten_momentum = group["whiten_momentum"]
     check("whiten_momentum", whiten_momentum, isinstance(whiten_momentum, bool), "True or False")
     secant = group["secant_pairs"]

@@ -27,11 +27,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .blocks import BlockPlan, block_statistics, plan_blocks, work_dtype
-from .checkpoint import copy_to_device
+from .checkpoint import check_loaded_state, copy_to_device
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
 from .distribution import reject_sharded_parameters, resolve_distribution
 from .fitting import fit_preconditioner
-from .options import merge_defaults, option_specs, validate_group
+from .options import check_param_group, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
 from .update import all_finite, apply_updates_, clip_update_rms_
@@ -122,6 +122,7 @@ class PSGD(Optimizer):
         return option_specs(cls.__init__)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_param_group(param_group, self.defaults)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_group(group)
@@ -132,7 +133,7 @@ class PSGD(Optimizer):
 
     def _plans(self) -> list[BlockPlan]:
         """This step's blocks, each with an owner and the decision whether it fits ``Q``."""
-        plans = plan_blocks(self.param_groups)
+        plans = plan_blocks(self.param_groups, self.state)
         self._distribution.assign(plans)
         for plan in plans:
             plan.fits = self._will_update(plan)
@@ -221,8 +222,9 @@ class PSGD(Optimizer):
         updates = self._distribution.exchange(plans, updates)
         for group in self.param_groups:
             mine = [plan for plan in plans if plan.group is group]
-            deltas = [u for plan in mine for u in plan.scatter(updates[plan.key])]
-            apply_updates_([p for plan in mine for p in plan.params], deltas, group["lr"], group["weight_decay"])
+            pairs = [pair for plan in mine for pair in zip(plan.params, plan.scatter(updates[plan.key]))]
+            pairs = [(p, u) for p, u in pairs if p in grads]  # a parameter without gradient never moves
+            apply_updates_(pairs, group["lr"], group["weight_decay"])
         return loss
 
     def _skip(self, plans: list[BlockPlan]) -> None:
@@ -283,13 +285,17 @@ class PSGD(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like ``Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (the base
-        class would round an fp32 preconditioner of a bf16 parameter). Takes a state saved at any
-        world size; under sharding a process keeps its own blocks and the others' counters."""
+        class would round an fp32 preconditioner of a bf16 parameter), and refuses a state of other
+        shapes or families or with non-finite values (:func:`.checkpoint.check_loaded_state`).
+        Takes a state saved at any world size; under sharding a process keeps its own blocks."""
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = [p for group in self.param_groups for p in group["params"]]
+        plans = {plan.key: plan for plan in self._plans()}
         owned = self._owned_indices()
         self._gathered = None
         for index, value in saved_state.items():
+            if params[index] in plans:
+                check_loaded_state(plans[params[index]], value, index)
             value = self._distribution.keep_loaded(index in owned, value)
             self.state[params[index]] = copy_to_device(value, params[index].device)

@@ -23,6 +23,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .validation import is_number
+
 __all__ = ["DEFAULT_UPDATE_SCHEDULE", "Schedule", "update_probability", "validate_schedule"]
 
 Schedule = float | Mapping[str, float]
@@ -35,23 +37,22 @@ _KEYS = ("flat_steps", "decay", "min_prob")
 def validate_schedule(schedule: Any, name: str = "precond_update_prob") -> Schedule:
     """``schedule`` normalised to plain data; ``ValueError`` naming what is wrong otherwise."""
     allowed = f"a number in (0, 1] or a dict with keys {list(_KEYS)}"
-    if isinstance(schedule, bool):
-        raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
-    if isinstance(schedule, (int, float)):
+    if is_number(schedule):
         if not 0.0 < float(schedule) <= 1.0:
             raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
         return float(schedule)
-    if isinstance(schedule, Mapping):
-        unknown = sorted(set(schedule) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"{name} has unknown keys {unknown}: expected {allowed}")
-        merged = {**DEFAULT_UPDATE_SCHEDULE, **{k: float(v) for k, v in schedule.items()}}
-        if merged["flat_steps"] < 0 or merged["decay"] < 0 or not 0.0 < merged["min_prob"] <= 1.0:
-            raise ValueError(
-                f"{name}={dict(schedule)!r} is invalid: need flat_steps >= 0, decay >= 0, 0 < min_prob <= 1"
-            )
-        return merged
-    raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
+    if not isinstance(schedule, Mapping):
+        raise ValueError(f"{name}={schedule!r} is invalid: expected {allowed}")
+    unknown = sorted(set(schedule) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}: expected {allowed}")
+    for key, value in schedule.items():
+        if not is_number(value):
+            raise ValueError(f"{name}={dict(schedule)!r} is invalid: {key}={value!r} is not a finite number")
+    merged = {**DEFAULT_UPDATE_SCHEDULE, **{k: float(v) for k, v in schedule.items()}}
+    if merged["flat_steps"] < 0 or merged["decay"] < 0 or not 0.0 < merged["min_prob"] <= 1.0:
+        raise ValueError(f"{name}={dict(schedule)!r} is invalid: need flat_steps >= 0, decay >= 0, 0 < min_prob <= 1")
+    return merged
 
 
 def update_probability(schedule: Schedule, step: int) -> float:

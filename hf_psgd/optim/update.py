@@ -43,10 +43,11 @@ def clip_update_rms_(updates: Sequence[Tensor], max_rms: Sequence[float]) -> Non
             update.mul_(scale.to(update.device))
 
 
-def apply_updates_(params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, weight_decay: float) -> None:
-    """``theta <- theta (1 - lr weight_decay) - lr u`` for every parameter (``u`` cast to its dtype)."""
-    if not params:
+def apply_updates_(pairs: Sequence[tuple[Tensor, Tensor]], lr: float, weight_decay: float) -> None:
+    """``theta <- theta (1 - lr weight_decay) - lr u`` for every ``(theta, u)`` (``u`` cast to ``theta``'s dtype)."""
+    if not pairs:
         return
+    params = [p for p, _ in pairs]
     if weight_decay > 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)], alpha=-lr)
+    torch._foreach_add_(params, [u.to(p.dtype) for p, u in pairs], alpha=-lr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,8 +26,8 @@ def check(name: str, value: Any, ok: bool, allowed: str) -> None:
 
 
 def is_number(value: Any) -> bool:
-    """A real ``int`` or ``float`` (``bool`` excluded)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite real ``int`` or ``float`` (``bool``, NaN and infinities excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_int(value: Any) -> bool:
