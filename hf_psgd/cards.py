@@ -1,9 +1,12 @@
 """Model cards for recipe outputs, in the Hub's format (``huggingface_hub.ModelCard``).
 
-The card has YAML metadata (library, base model, datasets, tags including ``psgd``, metrics), the
-optimizer configuration (for PSGD: family, curvature, preconditioner update schedule, learning
-rates), the training hyperparameters, the results table and loss-curve image, and the command that
-reproduces the run. LoRA outputs get an adapter card (``library_name: peft``, loading through PEFT).
+The card has YAML metadata (library, base model, licence, datasets, tags including ``psgd``,
+metrics), the optimizer configuration (for PSGD: family, curvature, preconditioner update schedule,
+learning rates), the training hyperparameters, the results table and loss-curve image, and the
+command that reproduces the run. LoRA outputs get an adapter card (``library_name: peft``, loading
+through PEFT). Outside that command, local models, data and the output folder appear by their names
+(relative paths as given), not by this machine's absolute paths; the trained model by its
+``hub_model_id`` where one is set.
 The Jinja template is ``hf_psgd/templates/model_card.md`` (shipped with the package).
 """
 
@@ -11,18 +14,21 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import sysconfig
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, metadata_load
 
 from .integrations.arguments import is_psgd_optimizer_name, psgd_optimizer_kwargs
 from .optim import PSGD
 from .optim.schedules import validate_schedule
 
 if TYPE_CHECKING:
+    from .recipes.arguments import ModelArguments
     from .recipes.loading import Recipe
 
 __all__ = ["MODEL_CARD_TEMPLATE", "BASE_MODEL_FOLDER", "build_model_card", "write_model_card"]
@@ -44,6 +50,7 @@ _AUTO_CLASSES = {
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _PSGD_SHOWN = ("curvature", "precond_update_prob", "precond_lr", "momentum")
 _PSGD_DEFAULTS = {name: default for name, (default, _) in PSGD.option_specs().items()}
+_METRIC_LABELS = {"train_loss": "train_loss (mean over the run's steps)"}
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -151,6 +158,16 @@ def _number(value: float | None) -> str:
     return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
+def _local(path: str) -> str:
+    """A local path as a reader can use it: as given when relative, else its last component."""
+    return path if not Path(path).is_absolute() else Path(path).name
+
+
+def _repo(recipe: Recipe) -> str:
+    """Where the trained model is loaded from: its Hub id, else the output folder (see :func:`_local`)."""
+    return recipe.training.hub_model_id or _local(recipe.training.output_dir)
+
+
 def _usage(recipe: Recipe, adapter: bool, repo: str) -> str:
     auto = _AUTO_CLASSES[recipe.recipe.task]
     lines = [f"from transformers import AutoTokenizer, {auto}"]
@@ -162,7 +179,8 @@ def _usage(recipe: Recipe, adapter: bool, repo: str) -> str:
                 f'model = {auto}.from_pretrained("{repo}")',
             ]
         )
-    base = _hub_id(recipe.model.base_model) or recipe.model.model_name_or_path or f"{repo}/{BASE_MODEL_FOLDER}"
+    local_base = recipe.model.model_name_or_path and _local(recipe.model.model_name_or_path)
+    base = _hub_id(recipe.model.base_model) or local_base or f"{repo}/{BASE_MODEL_FOLDER}"
     return "\n".join(
         [
             *lines,
@@ -184,19 +202,48 @@ def _versions(packages: Sequence[str]) -> str:
     return ", ".join(found)
 
 
+def _files_text(recipe: Recipe) -> str:
+    """The training files: relative to the standard library (``{stdlib}``) or the recipe's folder, else by name."""
+    from .recipes.data import expand_data_files  # here: the recipes package imports this module
+
+    pattern = recipe.data.train_file
+    stdlib = "{stdlib}" in pattern
+    root = Path(sysconfig.get_paths()["stdlib"] if stdlib else recipe.path.parent).resolve()
+    files = [Path(name).resolve() for name in expand_data_files("train_file", pattern)]
+    names = [f"`{file.relative_to(root) if file.is_relative_to(root) else file.name}`" for file in files]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if stdlib:
+        listing = shown if len(files) == 1 else f"{len(files)} files: {shown}"
+        return f"the source of Python {sys.version_info.major}.{sys.version_info.minor}'s standard library ({listing})"
+    return shown if len(files) == 1 else f"{len(files)} local files ({shown})"
+
+
+def _base_licence(model: ModelArguments) -> str | None:
+    """The licence in the metadata of a local or built-in base model's ``README.md``, if any."""
+    from .recipes.models import is_function_path, resolve_model_path
+
+    name = model.model_name_or_path
+    if name is None or is_function_path(name):
+        return None
+    readme = Path(resolve_model_path("model_name_or_path", name)) / "README.md"
+    return (metadata_load(readme) or {}).get("license") if readme.is_file() else None
+
+
 def _summary(recipe: Recipe, base_model: str | None, dataset: str | None) -> str:
     """One sentence: what was trained from what, on which data, with which recipe."""
     model, data = recipe.model, recipe.data
     if base_model:
         origin = f"a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})"
     elif model.model_name_or_path:
-        origin = f"a fine-tuned version of the local model `{model.model_name_or_path}`"
+        origin = f"a fine-tuned version of the local model `{_local(model.model_name_or_path)}`"
     else:
         origin = f"a `{model.model_type}` model built from a config and trained from scratch"
     if dataset:
         source = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+    elif data.dataset_name:
+        source = f"the local dataset `{_local(data.dataset_name)}`"
     else:
-        source = f"`{data.dataset_name or data.train_file}`"
+        source = _files_text(recipe)
     subject = f"LoRA adapters for {origin}" if model.use_lora else origin[0].upper() + origin[1:]
     return f"{subject}, task `{recipe.recipe.task}`, trained on {source} with the hf_psgd recipe `{recipe.path.name}`."
 
@@ -227,13 +274,14 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         base_model=base_model,
+        license=model.license or _base_licence(model),
         datasets=[dataset] if dataset else None,
         tags=tags,
         metrics=metric_names,
         pipeline_tag=_PIPELINES[task],
     )
-    name = Path(recipe.training.output_dir).name
-    repo = recipe.training.output_dir
+    repo = _repo(recipe)
+    name = repo.rpartition("/")[2] if recipe.training.hub_model_id else f"{recipe.path.stem}-{recipe.optimizer}"
     optimizer_summary, optimizer_rows = _optimizer_rows(recipe)
     return ModelCard.from_template(
         card_data,
@@ -246,7 +294,7 @@ def build_model_card(
         hyperparameter_rows=_hyperparameter_rows(recipe),
         loss_curve=loss_curve,
         results_table=_results_table(records),
-        final_metrics=[(key, _number(value)) for key, value in final_metrics.items()],
+        final_metrics=[(_METRIC_LABELS.get(key, key), _number(value)) for key, value in final_metrics.items()],
         command=recipe.command,
         versions=_versions(
             ["transformers", "torch", *(["peft"] if adapter else []), *(["trl"] if task == "sft" else [])]

@@ -19,8 +19,9 @@ __all__ = ["main"]
 
 _DESCRIPTIONS = {
     "train": "Train with a recipe; write the model, its model card (README.md) and loss curve to output_dir.",
-    "compare": "Run a recipe once per optimizer (same seed, data and steps) into output_dir/<optimizer>; write "
-    "loss_curves.png (train and eval loss against steps and time) and results.md (final metrics and time). "
+    "compare": "Run a recipe once per optimizer (same seed, data and steps) into OUTPUT/<optimizer> (OUTPUT: "
+    "--output_dir, else the recipe's output_dir + _compare); write loss_curves.png (train and eval loss against "
+    "steps and time) and results.md (final metrics and time). "
     "With --seeds, once per optimizer and seed, and results.md gives the mean and standard deviation.",
 }
 

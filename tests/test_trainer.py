@@ -72,13 +72,13 @@ def test_name_route_from_python_cli_and_yaml(tmp_path: Path) -> None:
     assert PSGDTrainer.get_optimizer_cls_and_kwargs(constant)[1]["precond_update_prob"] == 0.25
 
     recipe = tmp_path / "args.yaml"
-    recipe.write_text(f"output_dir: {tmp_path}\noptim: psgd_diag\noptim_args: seed=4,curvature=fd\n")
+    recipe.write_text(f"output_dir: {tmp_path}\noptim: psgd_diag\noptim_args: seed=4,curvature=hvp\n")
     (from_yaml,) = parser.parse_yaml_file(str(recipe))
     assert PSGDTrainer.get_optimizer_cls_and_kwargs(from_yaml)[1] == {
         "lr": from_yaml.learning_rate,
         "preconditioner": "diag",
         "seed": 4,
-        "curvature": "fd",
+        "curvature": "hvp",
     }
 
 
@@ -100,6 +100,12 @@ def test_builtin_names_keep_working(tmp_path: Path) -> None:
         ("psgd_kron", "precond_update_prob=flat:9", "precond_update_prob has unknown keys ['flat']"),
         ("psgd_kron", "precond_update_prob=decay:x", "precond_update_prob='decay:x' is invalid"),
         ("psgd_kron", "precond_update_prob=decay", "precond_update_prob='decay' is invalid"),
+        (  # refused here, not at the first step: Trainer calls step() without a closure
+            "psgd_kron",
+            "curvature=fd",
+            "curvature='fd' needs step(closure) over a deterministic batch, which Trainer does not give; "
+            "use curvature=whiten or curvature=hvp",
+        ),
     ],
 )
 def test_bad_names_and_optim_args_are_named(tmp_path: Path, optim: str, optim_args: str | None, message: str) -> None:
@@ -255,6 +261,28 @@ def test_plain_trainer_with_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, PSGD)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_plain_trainer_with_hvp_says_to_use_psgd_trainer(tmp_path: Path) -> None:
+    """Plain Trainer's backward keeps no graph: the first fitting step says what gives one."""
+    args = _args(tmp_path, optim="adamw_torch", optim_args=None, max_steps=1)
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=token_dataset(rows=4),
+        optimizer_cls_and_kwargs=(PSGD, {"lr": 0.3, "curvature": "hvp"}),
+    )
+    with pytest.raises(RuntimeError, match="With transformers.Trainer, use PSGDTrainer"):
+        trainer.train()
+
+
+def test_pin_memory_defaults_to_whether_an_accelerator_is_present(tmp_path: Path) -> None:
+    """PyTorch warns on every DataLoader that pins memory without an accelerator."""
+    default = PSGDTrainingArguments(output_dir=str(tmp_path), optim="psgd_kron", report_to="none")
+    assert default.dataloader_pin_memory is torch.accelerator.is_available()
+    parser = HfArgumentParser(PSGDTrainingArguments)
+    (explicit,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--dataloader_pin_memory", "true"])
+    assert explicit.dataloader_pin_memory is True
 
 
 def test_loss_falls_with_hvp_and_whitening(tmp_path: Path) -> None:

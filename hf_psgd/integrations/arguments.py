@@ -8,6 +8,8 @@ everything else with a built-in name in place of ours, then puts our name back. 
 arguments and validated by PSGD itself, so a bad key or value fails when the arguments are built.
 The update schedule is a number (constant probability) or its keys as ``key:value`` pairs joined by
 ``;`` (``precond_update_prob=flat_steps:100;decay:0.01``; keys left out keep their defaults).
+``curvature=fd`` is refused: Trainer calls ``step()`` without the closure it needs. Without an
+accelerator ``dataloader_pin_memory`` defaults to false (pinning needs one).
 """
 
 from __future__ import annotations
@@ -119,6 +121,11 @@ def psgd_optimizer_kwargs(optim: str, optim_args: str | None, learning_rate: flo
     if family not in PRECONDITIONERS:
         raise ValueError(f"optim={optim!r} is not a PSGD optimizer; choose one of {', '.join(psgd_optimizer_names())}")
     kwargs = {"lr": learning_rate, "preconditioner": family, **_parse_optim_args(optim_args)}
+    if kwargs.get("curvature") == "fd":
+        raise ValueError(
+            "optim_args: curvature='fd' needs step(closure) over a deterministic batch, which Trainer does not "
+            "give; use curvature=whiten or curvature=hvp (exact H v, computed by PSGDTrainer)"
+        )
     try:
         PSGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     except ValueError as error:
@@ -128,7 +135,8 @@ def psgd_optimizer_kwargs(optim: str, optim_args: str | None, learning_rate: flo
 
 @dataclass
 class PSGDArgumentsMixin:
-    """Mix into a ``TrainingArguments`` subclass (placed first) to accept PSGD optimizer names."""
+    """Mix into a ``TrainingArguments`` subclass (placed first) to accept PSGD optimizer names (and to
+    pin DataLoader memory only where an accelerator can use it)."""
 
     optim: str = field(
         default=TrainingArguments.__dataclass_fields__["optim"].default,
@@ -139,7 +147,14 @@ class PSGDArgumentsMixin:
         },
     )
 
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin DataLoader memory; default: true when an accelerator (GPU) is present, else false"},
+    )
+
     def __post_init__(self) -> None:
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         name = self.optim
         if not is_psgd_optimizer_name(name):
             super().__post_init__()

@@ -29,7 +29,7 @@ __all__ = ["HVPBackward", "check_twice_differentiable", "reentrant_checkpointing
 _ATTENTION_ADVICE = (
     "exact Hessian-vector products (curvature='hvp') need a twice-differentiable model; load it with "
     "attn_implementation='eager' (or 'sdpa', which PSGD runs on its math backend on HVP steps), or use "
-    "curvature='whiten' or 'fd'"
+    "curvature='whiten'"
 )
 
 

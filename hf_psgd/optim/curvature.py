@@ -211,10 +211,11 @@ def curvature_products(
         else:
             raise RuntimeError(
                 "curvature='hvp' needs a Hessian-vector product on this step (the preconditioner is "
-                "fitted now) but the gradients carry no autograd graph. Either call "
-                "loss.backward(create_graph=True) on steps where optimizer.will_update_preconditioner() "
-                "is true, or pass a closure that returns the loss to step(closure), or hand over H v "
-                "for optimizer.hvp_probes() with optimizer.accumulate_hvp()."
+                "fitted now) but the gradients carry no autograd graph. With transformers.Trainer, use "
+                "PSGDTrainer (PSGDSFTTrainer for TRL), which computes H v on these steps; in your own loop "
+                "pass a closure that returns the loss to step(closure), or take gradients with "
+                "create_graph=True on steps where optimizer.will_update_preconditioner('hvp') is true, or "
+                "hand over H v for optimizer.hvp_probes() with optimizer.accumulate_hvp()."
             )
     if from_graph:
         params = [p for p, _ in from_graph]

@@ -130,6 +130,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "Hub id recorded as base_model in the model card; defaults to a Hub model_name_or_path"},
     )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub licence id recorded in the model card (e.g. apache-2.0); default: the licence in a local "
+            "or built-in base model's README.md metadata, else none"
+        },
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})

@@ -25,6 +25,8 @@ __all__ = ["RunResult", "compare_recipe", "format_comparison", "train_recipe"]
 LOSS_CURVE = "loss_curve.png"
 HISTORY = "loss_history.json"
 DEFAULT_COMPARISON = ("psgd_kron", "adamw_torch")
+COMPARE_SUFFIX = "_compare"
+_COLUMNS = {"train_loss": "train loss (run mean)", "eval_loss": "eval loss"}
 #: TRL's evaluation bookkeeping, left out of the final metrics (it stays in the loss history).
 _BOOKKEEPING = ("eval_num_tokens", "eval_entropy")
 
@@ -94,11 +96,13 @@ def compare_recipe(
     seeds: Sequence[int] | None = None,
 ) -> list[RunResult]:
     """Run the recipe once per optimizer (same seed, data and steps; learning rates from the recipe's
-    ``learning_rates``, else its ``learning_rate``), each into ``<output_dir>/<optimizer>``; then
-    write ``loss_curves.png`` and ``results.md`` (see :func:`format_comparison`) into ``<output_dir>``.
+    ``learning_rates``, else its ``learning_rate``), each into ``<output>/<optimizer>``; then write
+    ``loss_curves.png`` and ``results.md`` (see :func:`format_comparison`) into ``<output>``: the
+    ``--output_dir`` of ``overrides``, else the recipe's ``output_dir`` with ``_compare`` appended (so
+    that ``train`` and ``compare`` of a recipe do not write into the same folder).
     ``optimizers`` defaults to the names in ``learning_rates``, else ``psgd_kron`` and ``adamw_torch``.
     With ``seeds``, every optimizer runs once per seed (model initialisation, data order, dropout),
-    into ``<output_dir>/<optimizer>/seed-<seed>``, and the table gives mean and standard deviation."""
+    into ``<output>/<optimizer>/seed-<seed>``, and the table gives mean and standard deviation."""
     base = load_recipe(path, overrides)
     optimizers = list(optimizers or base.recipe.learning_rates or DEFAULT_COMPARISON)
     unknown = [name for name in optimizers if name not in optimizer_names()]
@@ -107,6 +111,8 @@ def compare_recipe(
             "optims", f"{unknown[0]!r} is not an optimizer; choose from {', '.join(optimizer_names())}", COMMAND_LINE
         )
     output = Path(base.training.output_dir)
+    if "output_dir" not in base.overridden_keys:
+        output = output.with_name(output.name + COMPARE_SUFFIX)
     results = []
     for name in optimizers:
         for seed in seeds or [None]:
@@ -128,14 +134,15 @@ def _run_label(result: RunResult, seeds: Sequence[int] | None) -> str:
 
 
 def format_comparison(results: Sequence[RunResult]) -> str:
-    """A Markdown table: per optimizer its learning rate, final train and eval figures and training
-    time, with the time relative to the first optimizer. Where an optimizer ran with several seeds, its
-    row gives ``mean ± standard deviation`` over them, and a second table lists every run."""
+    """A Markdown table: per optimizer its learning rate, final train loss (the mean over the run's
+    steps), eval figures and training time, with the time relative to the first optimizer. Where an
+    optimizer ran with several seeds, its row gives ``mean ± standard deviation`` over them, and a
+    second table lists every run."""
     by_name: dict[str, list[RunResult]] = {}
     for result in results:
         by_name.setdefault(result.name, []).append(result)
     metric_keys = ["train_loss", *(key for key in results[0].metrics if key.startswith("eval_"))]
-    names = [key.removeprefix("eval_").replace("_", " ") for key in metric_keys]
+    names = [_COLUMNS.get(key, key.removeprefix("eval_").replace("_", " ")) for key in metric_keys]
     several = any(len(runs) > 1 for runs in by_name.values())
     first_name = results[0].name
     reference = statistics.fmean(r.metrics["train_seconds"] for r in by_name[first_name]) or math.nan
