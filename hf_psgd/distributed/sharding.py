@@ -9,7 +9,8 @@ parameters stay bit-identical across ranks (owners apply the communicated, round
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -48,6 +49,11 @@ class DataParallelOwners(Distribution):
         self.last_shard_numel = 0
         #: owner rank of every block seen so far, keyed by the block's first parameter
         self.owners: dict[Tensor, int] = {}
+        #: how long a process waits in a state gather for the others before it raises
+        self.state_dict_timeout = timedelta(seconds=300)
+        # states travel pickled on the CPU, in a gloo group of their own (a timed-out gather there
+        # leaves the training group's collectives in step)
+        self._state_group = dist.new_group(backend="gloo")
 
     def assign(self, plans: Sequence[BlockPlan]) -> None:
         new = [plan for plan in plans if plan.key not in self.owners]
@@ -70,22 +76,31 @@ class DataParallelOwners(Distribution):
         shared = self.exchange_flat(numels, [self.owners[plan.key] for plan in plans], mine)
         return {plan.key: u.view(plan.shape) for plan, u in zip(plans, shared)}
 
+    def agree_finite(self, finite: bool) -> bool:
+        flag = torch.tensor([float(finite)], device=_group_device(self.group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
     def gather_state(self, local: dict[str, Any], owned: set[int]) -> dict[str, Any]:
+        """Every owner's state (a collective over a gloo group). Every process must call it: one that
+        waits longer than :attr:`state_dict_timeout` for the others raises instead of hanging."""
+        try:
+            dist.monitored_barrier(self._state_group, timeout=self.state_dict_timeout)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"PSGD's preconditioners are sharded over {self.world_size} processes, so state_dict() is a "
+                f"collective that every process must call (Accelerate's save_state and PSGDTrainer do); rank "
+                f"{self.rank} waited {self.state_dict_timeout.total_seconds():g} s for the others "
+                f"({str(error).splitlines()[0]})"
+            ) from None
         mine = {index: state for index, state in local["state"].items() if index in owned}
         mine = copy_to_device(mine, torch.device("cpu"))
         return {"state": self.gather_states(mine), "param_groups": local["param_groups"]}
 
-    def state_dict(self, local: dict[str, Any], gathered: dict[str, Any] | None) -> dict[str, Any]:
+    def state_dict(self, local: dict[str, Any], gathered: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if not any(local["state"].values()):  # nothing sharded yet (Accelerate's prepare)
             return local
-        if gathered is None:
-            raise RuntimeError(
-                f"PSGD's preconditioners are sharded over {self.world_size} processes: call "
-                "optimizer.consolidate_state_dict() on every process first (a collective), then state_dict() on any "
-                "of them. PSGDTrainer does this when it saves a checkpoint; with Accelerate, call it before "
-                "accelerator.save_state(); or build PSGD with shard_preconditioners=False."
-            )
-        return gathered
+        return {"state": gathered()["state"], "param_groups": local["param_groups"]}
 
     def keep_loaded(self, owned: bool, value: dict[str, Any]) -> dict[str, Any]:
         return value if owned else {key: value[key] for key in (*SCHEDULE_COUNTERS, "block") if key in value}
@@ -120,7 +135,7 @@ class DataParallelOwners(Distribution):
         """The union of every rank's ``mine`` (state index -> state, tensors on the CPU: the states
         travel pickled), on every rank."""
         everyone: list[dict[int, Any] | None] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
+        dist.all_gather_object(everyone, mine, group=self._state_group)
         merged: dict[int, Any] = {}
         for states in everyone:
             merged.update(states or {})

@@ -9,7 +9,7 @@ nothing; :mod:`hf_psgd.distributed` implements the multi-process strategies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,13 +41,18 @@ class Distribution:
         """Every block's update (keyed by ``plan.key``) on every process, from the owners' ``updates``."""
         return updates
 
+    def agree_finite(self, finite: bool) -> bool:
+        """Whether every process found its step finite (all skip together, before any state changes)."""
+        return finite
+
     def gather_state(self, local: dict[str, Any], owned: set[int]) -> dict[str, Any]:
         """Every owner's state (a collective), from this process's ``Optimizer.state_dict()`` and
         the indices of the parameters that key the blocks it owns."""
         return local
 
-    def state_dict(self, local: dict[str, Any], gathered: dict[str, Any] | None) -> dict[str, Any]:
-        """The world-size independent state: ``local`` here; elsewhere the last gathered one."""
+    def state_dict(self, local: dict[str, Any], gathered: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The world-size independent state: ``local`` here; elsewhere the owners' states, from
+        ``gathered()`` (the last :meth:`gather_state` of this step, or a new one)."""
         return local
 
     def keep_loaded(self, owned: bool, value: dict[str, Any]) -> dict[str, Any]:

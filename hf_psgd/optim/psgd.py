@@ -10,9 +10,8 @@ One step, for every block (a tensor, or a whole param group for the whole-vector
 3. ``u = P m``; the update-size guard scales ``u`` down to RMS ``<= max_update_rms`` (:mod:`.update`).
 4. ``theta <- theta (1 - lr weight_decay) - lr u`` (decoupled weight decay).
 
-A non-finite gradient or ``H v`` anywhere skips the whole step: parameters, momentum and
-preconditioners stay exactly as they were; ``state["skipped_steps"]`` counts it. Which process
-does what is the distribution strategy's business (:mod:`.distribution`).
+A non-finite gradient or ``H v`` anywhere skips the step on every process (``skipped_steps``);
+which process does what is the distribution strategy's business (:mod:`.distribution`).
 """
 
 from __future__ import annotations
@@ -78,8 +77,8 @@ class PSGD(Optimizer):
     Curvature ``"hvp"`` takes ``H v`` from ``step(closure)`` (PSGD differentiates the loss), from
     gradients that carry a graph (``backward(create_graph=True)`` when
     :meth:`will_update_preconditioner` is true), or from :meth:`accumulate_hvp` for the probes of
-    :meth:`hvp_probes`. Under sharding, :meth:`consolidate_state_dict` on every process (a
-    collective) comes before ``state_dict()``, which is the same at any world size.
+    :meth:`hvp_probes`. Under sharding ``state_dict()`` is a collective that every process calls
+    (Accelerate's ``save_state`` does); its result is the same at any world size.
     """
 
     def __init__(
@@ -136,12 +135,10 @@ class PSGD(Optimizer):
         plans = plan_blocks(self.param_groups, self.state)
         self._distribution.assign(plans)
         for plan in plans:
-            plan.fits = self._will_update(plan)
+            state = self.state.get(plan.key)  # credit: fit when it reaches 1 (.schedules)
+            credit = state and state["update_credit"] + update_probability(plan.schedule, state["step"])
+            plan.fits = not state or credit >= 1.0 - 1e-9
         return plans
-
-    def _will_update(self, plan: BlockPlan) -> bool:
-        state = self.state.get(plan.key)
-        return not state or state["update_credit"] + update_probability(plan.schedule, state["step"]) >= 1.0 - 1e-9
 
     def _init_state(self, plan: BlockPlan) -> dict[str, Any]:
         """The block's state, created on first use (the preconditioner only on its owner)."""
@@ -166,8 +163,7 @@ class PSGD(Optimizer):
         return self._probes.draw(param, group["seed"], step, work_dtype(group, param))
 
     def _probe_step(self, plan: BlockPlan) -> int:
-        state = self.state.get(plan.key)
-        return state["step"] if state else 0
+        return self.state.get(plan.key, {}).get("step", 0)
 
     def hvp_probes(self) -> dict[Tensor, Tensor]:
         """The probe ``v`` of every parameter whose preconditioner the next ``step()`` fits from exact
@@ -209,7 +205,7 @@ class PSGD(Optimizer):
         graph_grads.clear()
         self._distribution.average_([products[p] for p, (c, _) in probes.items() if c == "fd" or p not in handed])
 
-        if not all_finite(list(grads.values()) + list(products.values())):
+        if not self._distribution.agree_finite(all_finite(list(grads.values()) + list(products.values()))):
             self._skip(plans)
             return loss
         updates = {}
@@ -240,11 +236,9 @@ class PSGD(Optimizer):
                 stacklevel=3,
             )
 
-    def _block_update(
-        self, plan: BlockPlan, grads: dict[Tensor, Tensor], products: dict[Tensor, Tensor]
-    ) -> Tensor | None:
-        """Advance the block's schedule counters; on its owner also the momentum, the fits and the
-        update ``u = P m`` (block-shaped, before the guard), which is returned (``None`` elsewhere)."""
+    def _block_update(self, plan: BlockPlan, grads: dict[Tensor, Tensor], hv: dict[Tensor, Tensor]) -> Tensor | None:
+        """Advance the block's counters; on its owner also the momentum, the fits and the update
+        ``u = P m`` (block-shaped, before the guard), which is returned (``None`` elsewhere)."""
         state, group, family = self._init_state(plan), plan.group, plan.family
         step = state["step"]
         state["update_credit"] += update_probability(plan.schedule, step) - float(plan.fits)
@@ -260,7 +254,7 @@ class PSGD(Optimizer):
             v = None
             if not (whiten and family.integrates_probe):
                 v = plan.gather({p: self._probe(p, group, step) for p in plan.params})
-            h = (direction if group["whiten_momentum"] else g) if whiten else plan.gather(products)
+            h = (direction if group["whiten_momentum"] else g) if whiten else plan.gather(hv)
             fit_preconditioner(family, state, v, h.to(dtype), group)
         if group["secant_pairs"]:
             param = plan.gather({p: p.detach() for p in plan.params}).to(dtype)
@@ -275,13 +269,17 @@ class PSGD(Optimizer):
         return {index[plan.key] for plan in self._plans() if self._distribution.owns(plan)}
 
     def consolidate_state_dict(self) -> None:
-        """Gather every owner's state (a collective under sharding: call it on every process) so that
-        :meth:`state_dict` returns the full state on every process until the next ``step()``."""
+        """Gather every owner's state now (a collective under sharding: every process calls it), so
+        that :meth:`state_dict` on one process alone returns it until the next ``step()``."""
         self._gathered = self._distribution.gather_state(super().state_dict(), self._owned_indices())
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state in the format of ``torch.optim``; the same at every world size."""
-        return self._distribution.state_dict(super().state_dict(), self._gathered)
+        """The optimizer state in the format of ``torch.optim``; the same at every world size. Under
+        sharding a collective (as Accelerate's ``save_state`` calls it, on every process) unless
+        :meth:`consolidate_state_dict` ran since the last step."""
+        local = super().state_dict()
+        gather = self._distribution.gather_state
+        return self._distribution.state_dict(local, lambda: self._gathered or gather(local, self._owned_indices()))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like ``Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (the base

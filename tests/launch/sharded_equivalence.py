@@ -2,13 +2,17 @@
 ``preconditioner=kron,curvature=hvp``. Every rank trains the same tiny transformer twice on the same
 20 global batches: once as a single process would (unsharded PSGD, whole batches) and once sharded
 (its half of each batch). It checkpoints both after 10 steps (the sharded one through
-``Accelerator.save_state``), resumes 2 -> 1 and 1 -> 2, and writes OUT/rank<r>.pt with the final
-parameters of every run, per-rank preconditioner bytes and the owners."""
+``Accelerator.save_state``, with no other call), resumes 2 -> 1 and 1 -> 2, and writes OUT/rank<r>.pt
+with the final parameters of every run, per-rank preconditioner bytes and the owners. With
+whitening it also steps a sharded optimizer whose gradient is NaN on rank 1 only (every rank must
+skip) and calls ``state_dict()`` on rank 0 only (it must raise within a few seconds)."""
 
 from __future__ import annotations
 
 import copy
 import sys
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -90,7 +94,6 @@ def main(out: Path, options: dict) -> None:
     sharded_opt = accelerator.prepare(make_optimizer(sharded, options, shard=True))
     train(sharded, sharded_opt, batches[:HALF], curvature, shard=True)
     sharded_half = params(sharded)
-    sharded_opt.optimizer.consolidate_state_dict()
     accelerator.save_state(str(out / "sharded_checkpoint"))
     accelerator.wait_for_everyone()
     memory = preconditioner_bytes(sharded_opt.optimizer)
@@ -109,8 +112,10 @@ def main(out: Path, options: dict) -> None:
     one_to_two_opt.load_state_dict(single_half_state)
     train(one_to_two, one_to_two_opt, batches[HALF:], curvature, shard=True)
 
+    results = nan_on_one_rank(initial, options) if curvature == "whiten" else {}
     torch.save(
         {
+            **results,
             "single": params(single),
             "sharded": params(sharded),
             "two_to_one": params(two_to_one),
@@ -122,6 +127,30 @@ def main(out: Path, options: dict) -> None:
         out / f"rank{rank}.pt",
     )
     end_multiprocess_run()
+
+
+def nan_on_one_rank(initial: torch.nn.Module, options: dict) -> dict:
+    """A step whose gradient is NaN on rank 1 only, then ``state_dict()`` on rank 0 only."""
+    model = copy.deepcopy(initial)
+    optimizer = make_optimizer(model, options, shard=True)
+    before = params(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    if dist.get_rank() == 1:
+        next(model.parameters()).grad[0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        optimizer.step()
+    unchanged = all(torch.equal(value, before[name]) for name, value in params(model).items())
+    skipped = all(state["skipped_steps"] == 1 for state in optimizer.state.values())
+    optimizer._distribution.state_dict_timeout = timedelta(seconds=3)
+    error = ""
+    if dist.get_rank() == 0:
+        try:
+            optimizer.state_dict()
+        except RuntimeError as raised:
+            error = str(raised)
+    return {"nan_skipped_everywhere": unchanged and skipped, "one_rank_state_dict_error": error}
 
 
 if __name__ == "__main__":
