@@ -5,8 +5,9 @@
     accelerate launch --config_file recipes/accelerate_2proc_cpu.yaml -m hf_psgd train RECIPE.yaml --use_cpu true
 
 Any recipe key can be overridden as ``--key value`` (``HfArgumentParser`` conventions);
-``hf-psgd train RECIPE.yaml --help`` lists every key of that recipe's task. A bad recipe (unknown
-key, missing file, bad value) ends with one line on stderr naming the file and the key, exit code 2.
+``hf-psgd train RECIPE.yaml --help`` lists that recipe's keys with its values as defaults. A bad
+recipe (unknown key, missing file, bad value) ends with one line on stderr naming the file and the
+key, exit code 2.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             usage=f"hf-psgd {name} RECIPE.yaml{' [--optims NAMES] [--seeds SEEDS]' if name == 'compare' else ''}"
             " [--key value ...]",
             epilog="Any recipe key can be given as --key value and overrides the file; "
-            f"`hf-psgd {name} RECIPE.yaml --help` lists every key for that recipe's task.",
+            f"`hf-psgd {name} RECIPE.yaml --help` lists that recipe's keys with its values.",
         )
         sub.add_argument("recipe", nargs="?", help="the recipe YAML file (see recipes/)")
-        sub.add_argument("-h", "--help", action="store_true", help="show this help (with RECIPE: every recipe key)")
+        sub.add_argument("-h", "--help", action="store_true", help="show this help (with RECIPE: its keys and values)")
         if name == "compare":
             sub.add_argument(
                 "--optims",
@@ -78,11 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .distributed import end_multiprocess_run
     from .recipes import RecipeError, compare_recipe, format_comparison, load_recipe, train_recipe
-    from .recipes.loading import recipe_parser, recipe_task
+    from .recipes.usage import recipe_help
 
     try:
         if args.help:
-            recipe_parser(recipe_task(args.recipe, overrides), prog=f"hf-psgd {args.command} RECIPE").print_help()
+            print(recipe_help(args.recipe, overrides, prog=f"hf-psgd {args.command} RECIPE"), end="")
         elif args.command == "train":
             result = train_recipe(load_recipe(args.recipe, overrides))
             figures = ", ".join(f"{key} {value:.4g}" for key, value in result.metrics.items())

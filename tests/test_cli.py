@@ -24,11 +24,29 @@ def test_help_of_each_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--optims" in capsys.readouterr().out
 
 
-def test_help_with_a_recipe_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", str(RECIPES / "sft_lora.yaml"), "--help"]) == 0
+def _help_entry(text: str, key: str) -> str:
+    """The help of ``--key`` in ``--help`` output, on one line."""
+    (entry,) = [part for part in text.split("\n  --") if part.split()[0] == key]
+    return " ".join(entry.split("\n\n")[0].split())
+
+
+def test_help_with_a_recipe_shows_its_keys_and_values(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipe's values (and the command line's) as defaults, PSGD's options, at most 200 lines."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["train", str(RECIPES / "sft_lora.yaml"), "--max_steps", "7", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--learning_rates", "--model_name_or_path", "--train_file", "--optim_args", "--max_length"):
-        assert option in out, option
+    assert len(out.splitlines()) <= 200
+    assert out.index("--optim_args") < out.index("--task") < out.index("--model_name_or_path") < out.index("--seed")
+    expected = {"learning_rate": "0.3", "task": "sft", "max_steps": "7", "max_length": "32", "lora_r": "8"}
+    for key, value in expected.items():
+        assert _help_entry(out, key).endswith(f"(default: {value})"), key
+    optim_args = _help_entry(out, "optim_args")
+    assert "curvature=whiten (whiten or hvp), momentum=0.9" in optim_args and "AdEMAMix" not in optim_args
+    assert optim_args.endswith("(default: curvature=hvp,momentum=0.5,damping=0.01)")
+    assert "--adam_beta1" not in out and "Every other TrainingArguments option is accepted" in out
+    assert "main_classes/trainer#transformers.TrainingArguments" in out
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:

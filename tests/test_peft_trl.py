@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from datasets import Dataset
 from hf_helpers import tiny_llama, tiny_tokenizer, token_dataset
 from peft import LoraConfig, get_peft_model
+from trl import SFTConfig, SFTTrainer
 
 from hf_psgd import PSGD, PSGDSFTConfig, PSGDSFTTrainer, PSGDTrainer, PSGDTrainingArguments
 
@@ -46,18 +49,16 @@ def test_peft_lora_hvp_updates_adapters_only(tmp_path: Path) -> None:
     assert any(not torch.equal(model.get_parameter(n), before) for n, before in adapters.items())
 
 
-def test_trl_sft_with_lora_and_hvp(tmp_path: Path) -> None:
-    """TRL's fused LM-head loss is not twice differentiable: HVP steps go through plain logits."""
-    texts = [f"question {a} plus {b} answer {a + b}" for a in range(6) for b in range(6)]
-    tokenizer = tiny_tokenizer(texts)
+_SUMS = [f"question {a} plus {b} answer {a + b}" for a in range(6) for b in range(6)]
+
+
+def _sft_trainer(trainer_class: type, config_class: type, output: Path, **options: Any) -> Any:
+    """A tiny Llama with LoRA adapters under TRL's SFT trainer, on sums; same weights and data every call."""
+    tokenizer = tiny_tokenizer(_SUMS)
     model = tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config = PSGDSFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=4,
+    config = config_class(
+        output_dir=str(output),
         per_device_train_batch_size=4,
-        learning_rate=0.3,
-        optim="psgd_kron",
-        optim_args="curvature=hvp,precond_update_prob=0.5",
         report_to="none",
         use_cpu=True,
         bf16=False,
@@ -65,18 +66,47 @@ def test_trl_sft_with_lora_and_hvp(tmp_path: Path) -> None:
         max_length=16,
         disable_tqdm=True,
         logging_steps=1,
+        **options,
     )
-    assert config.optim == "psgd_kron"
-    trainer = PSGDSFTTrainer(
+    return trainer_class(
         model=model,
         args=config,
-        train_dataset=Dataset.from_dict({"text": texts}),
+        train_dataset=Dataset.from_dict({"text": _SUMS}),
+        eval_dataset=Dataset.from_dict({"text": _SUMS[:8]}),
         processing_class=tokenizer,
         peft_config=_lora(),
     )
+
+
+def test_trl_sft_with_lora_and_hvp(tmp_path: Path) -> None:
+    """TRL's fused LM-head loss is not twice differentiable: HVP steps go through plain logits."""
+    psgd = {"optim": "psgd_kron", "optim_args": "curvature=hvp,precond_update_prob=0.5"}
+    trainer = _sft_trainer(PSGDSFTTrainer, PSGDSFTConfig, tmp_path, max_steps=4, learning_rate=0.3, **psgd)
+    assert trainer.args.optim == "psgd_kron"
     result = trainer.train()
     assert math.isfinite(result.training_loss)
     optimizer = trainer.optimizer.optimizer
     states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
     assert states and all(s["precond_updates"] == 2 for s in states)
     assert all("lora_" in name for name, p in trainer.model.named_parameters() if p.requires_grad)
+    assert all({"entropy", "mean_token_accuracy", "num_tokens"} <= set(logs) for logs in trainer.state.log_history[:4])
+
+
+def test_trl_metrics_of_an_hvp_step_are_those_of_sft_trainer(tmp_path: Path) -> None:
+    """Step 1 fits from exact H v; TRL's metrics of it (taken before the optimizer step) and its loss equal
+    SFTTrainer's with AdamW on the same weights and batch (DFT: a loss other than plain cross-entropy), and
+    evaluation counts the tokens trained on."""
+    hvp = {"optim": "psgd_kron", "optim_args": "curvature=hvp,precond_update_prob=1.0"}
+    runs = []
+    for trainer_class, config_class, options in [
+        (SFTTrainer, SFTConfig, {"learning_rate": 1e-3}),
+        (PSGDSFTTrainer, PSGDSFTConfig, {"learning_rate": 0.3, **hvp}),
+    ]:
+        trainer = _sft_trainer(trainer_class, config_class, tmp_path, max_steps=1, loss_type="dft", **options)
+        trainer.train()
+        runs.append((trainer.state.log_history[0], trainer.evaluate()))
+    (reference, reference_eval), (logs, evaluation) = runs
+    assert logs["psgd/precond_updates"] > 0
+    for key in ("entropy", "mean_token_accuracy", "num_tokens", "loss"):
+        assert logs[key] == pytest.approx(reference[key], rel=1e-5), key
+    assert evaluation["eval_num_tokens"] == reference_eval["eval_num_tokens"] == reference["num_tokens"] > 0

@@ -5,10 +5,13 @@ with ``save_pretrained``, datasets laid out like Hub repositories): the same cod
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 from datasets import load_dataset
 from hf_helpers import tiny_llama
 from huggingface_hub import ModelCard
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import validate_repo_id
 from transformers import BertConfig, BertForSequenceClassification, EvalPrediction
 
@@ -241,6 +245,57 @@ def test_sft_hub_recipe_with_local_model_and_configured_dataset(tmp_path: Path) 
     overrides = ["--max_length", "48", "--max_new_tokens", "4", "--per_device_train_batch_size", "4"]
     card = _run_hub_recipe("sft_lora_hub.yaml", model, data, tmp_path / "out", *overrides)
     assert card.data.library_name == "peft" and 'from_pretrained("model")' in card.text
+
+
+def _closed_port() -> int:
+    """A local port that nothing listens on (connections are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_bf16_of_a_recipe_file_becomes_fp32_on_a_cpu_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """bf16: true in the file gives way on a CPU run, in one line; --bf16 true on the command line is kept."""
+    recipe = RECIPES / "causal_lm_hub.yaml"
+    cpu = ["--use_cpu", "true", "--output_dir", str(tmp_path)]
+    with caplog.at_level(logging.WARNING):
+        assert load_recipe(recipe, cpu).training.bf16 is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{recipe}: bf16: no accelerator with bf16 on this run, training in fp32 (a command-line --bf16 true is kept "
+        "as given)"
+    ]
+    assert load_recipe(recipe, [*cpu, "--bf16", "true"]).training.bf16 is True
+
+
+def test_hub_recipe_without_network_fails_fast_naming_hf_hub_offline(tmp_path: Path) -> None:
+    """Not after huggingface_hub's retries (about 30 s), and not in more than 3 lines."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HUB_DISABLE_TELEMETRY="1")
+    command = [sys.executable, "-m", "hf_psgd", "train", str(RECIPES / "causal_lm_hub.yaml"), "--max_steps", "1"]
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and elapsed < 20 and len(lines) <= 3, (elapsed, result.stderr[-3000:])
+    assert lines[-1].startswith(f"hf-psgd: error: {RECIPES / 'causal_lm_hub.yaml'}: dataset_name: cannot reach the Hub")
+    assert "set HF_HUB_OFFLINE=1 to load it from the local cache" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("offline", "expected"),
+    [(False, "cannot reach the Hub at {endpoint} to push the model"), (True, "HF_HUB_OFFLINE is set")],
+)
+def test_push_to_hub_without_the_hub_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, offline: bool, expected: str
+) -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline)
+    arguments = [*TINY["causal_lm.yaml"], "--max_steps", "1", "--output_dir", str(tmp_path), "--push_to_hub", "true"]
+    assert main(["train", str(RECIPES / "causal_lm.yaml"), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hf-psgd: error: command line: push_to_hub: ") and len(error.strip().splitlines()) == 1
+    assert expected.format(endpoint=endpoint) in error and "--push_to_hub false" in error
 
 
 # ---------------------------------------------------------------------------------------- code in recipes

@@ -26,6 +26,7 @@ __all__ = [
     "PSGDArgumentsMixin",
     "PSGDTrainingArguments",
     "is_psgd_optimizer_name",
+    "optim_args_help",
     "psgd_optimizer_kwargs",
     "psgd_optimizer_names",
 ]
@@ -94,6 +95,28 @@ def _option_parsers() -> dict[str, Any]:
     return parsers
 
 
+def optim_args_help() -> str:
+    """The help of ``optim_args``: PSGD's options with their defaults (``PSGD.option_specs()``)."""
+    options = []
+    for name, (default, annotation) in PSGD.option_specs().items():
+        if name in _RESERVED:
+            continue
+        if isinstance(default, dict):
+            value = ";".join(f"{key}:{number:g}" for key, number in default.items())
+        else:
+            value = f"{default:g}" if isinstance(default, float) else str(default)
+        kind = annotation.replace("torch.dtype | ", "").replace(" | None", "")
+        kind = " (whiten or hvp)" if name == "curvature" else f" ({kind})" if default is None else ""
+        options.append(f"{name}={value}{kind}")
+    return (
+        "PSGD's options as key=value pairs joined by commas, e.g. 'curvature=hvp,precond_lr=0.2' (the update "
+        "schedule precond_update_prob: a number, or its keys as key:value joined by ';'), checked when the arguments "
+        "are built; learning_rate and weight_decay have keys of their own. Options and defaults: "
+        + ", ".join(options)
+        + ". A transformers optimizer takes its own optim_args"
+    )
+
+
 def _parse_optim_args(text: str | None) -> dict[str, Any]:
     parsers = _option_parsers()
     options: dict[str, Any] = {}
@@ -146,6 +169,8 @@ class PSGDArgumentsMixin:
             + ". PSGD options go in optim_args, e.g. 'curvature=hvp,precond_lr=0.2'."
         },
     )
+
+    optim_args: str | None = field(default=None, metadata={"help": optim_args_help()})
 
     dataloader_pin_memory: bool | None = field(
         default=None,

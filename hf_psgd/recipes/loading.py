@@ -8,6 +8,11 @@ converts the same option typed on the command line (``learning_rate: 3e-3`` and
 In the file, relative data paths (``train_file``, ``validation_file``) are relative to the
 recipe's folder, and so are model, tokenizer, dataset and metric paths that exist there.
 
+Half precision from the recipe file (``bf16: true``, or TRL's default for ``task: sft``) applies only
+where training runs on an accelerator with bf16: a CPU run (no such accelerator, or ``use_cpu``)
+trains in fp32 and says so in one line. ``--bf16 true`` on the command line is passed on as given
+(transformers then decides: bf16 autocast with ``--use_cpu true``, else its error).
+
 A recipe runs no code of its own unless ``--allow_code`` is given on the command line (a recipe file
 cannot set it): without it, a metric that is not bundled and a ``module:function`` model or tokenizer
 are refused before anything is loaded.
@@ -19,6 +24,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import re
 import shlex
 from collections.abc import Sequence
@@ -28,6 +34,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from ..integrations.arguments import PSGDTrainingArguments, psgd_optimizer_names
 from .arguments import BUILTIN_MODELS, TASKS, DataArguments, ModelArguments, RecipeArguments, parse_learning_rates
@@ -35,13 +42,15 @@ from .errors import RecipeError
 from .metrics import BUNDLED_METRICS
 from .models import is_function_path
 
-__all__ = ["COMMAND_LINE", "Recipe", "load_recipe", "optimizer_names", "recipe_parser", "recipe_task"]
+__all__ = ["COMMAND_LINE", "Recipe", "load_recipe", "optimizer_names", "recipe_parser"]
 
 COMMAND_LINE = "command line"
 _RECIPE_RELATIVE_FILES = ("train_file", "validation_file")
 _RECIPE_RELATIVE_IF_PRESENT = ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "metric")
 _ALLOW_CODE = "allow_code"
 _ALLOW_CODE_HINT = f"pass --{_ALLOW_CODE} on the command line to run it"
+_BF16_KEYS = ("bf16", "bf16_full_eval")
+logger = logging.getLogger(__name__)
 
 
 def optimizer_names() -> list[str]:
@@ -125,6 +134,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             setattr(namespace, key, None)
     namespace = _parse(parser, overrides, namespace, COMMAND_LINE, fields)
     overridden = frozenset(_option_keys(overrides, fields))
+    _bf16_where_supported(namespace, overridden, path)
     built = []
     for dtype in parser.dataclass_types:
         inputs = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init}
@@ -139,11 +149,6 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if not recipe_args.allow_code:
         _refuse_code(recipe)
     return recipe
-
-
-def recipe_task(path: str | Path, overrides: Sequence[str] = ()) -> str:
-    """The task of a recipe (its ``task`` key, or ``--task`` in ``overrides``)."""
-    return _task(_read_yaml(Path(path)), _parse_early_options(list(overrides)), Path(path))
 
 
 def _task(values: dict[str, Any], early: argparse.Namespace, path: Path) -> str:
@@ -215,6 +220,20 @@ def _apply_learning_rates(values: dict[str, Any], early: argparse.Namespace, pat
         )
     if optim in rates and early.learning_rate is None:
         values["learning_rate"] = rates[optim]
+
+
+def _bf16_where_supported(namespace: argparse.Namespace, overridden: frozenset[str], path: Path) -> None:
+    """bf16 that the command line did not ask for becomes fp32 on a CPU run, with one line saying so."""
+    if not namespace.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        return
+    for key in _BF16_KEYS:
+        wanted = getattr(namespace, key, False)  # None: TRL's default, bf16 unless fp16
+        if key not in overridden and (wanted or (wanted is None and not namespace.fp16)):
+            setattr(namespace, key, False)
+            logger.warning(
+                f"{path}: {key}: no accelerator with bf16 on this run, training in fp32 (a command-line --{key} true "
+                "is kept as given)"
+            )
 
 
 def _refuse_code(recipe: Recipe) -> None:

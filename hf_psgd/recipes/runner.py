@@ -17,6 +17,7 @@ from ..cards import write_model_card
 from ..plots import plot_loss_curves
 from .errors import RecipeError
 from .history import LossHistory
+from .hub import check_hub
 from .loading import COMMAND_LINE, Recipe, load_recipe, optimizer_names
 from .tasks import build_trainer
 
@@ -46,9 +47,11 @@ class RunResult:
 
 def train_recipe(recipe: Recipe) -> RunResult:
     """Train, evaluate and save ``recipe``'s model; on the main process also write the loss history,
-    the loss-curve PNG and the model card into the output directory."""
+    the loss-curve PNG and the model card into the output directory. A run that needs the Hub and
+    cannot reach it stops first (see :func:`~.hub.check_hub`)."""
     set_seed(recipe.training.seed)  # the same initial weights for every optimizer (and every rank)
     try:
+        check_hub(recipe)
         trainer = build_trainer(recipe)
     except RecipeError as error:
         raise recipe.locate(error) from None

@@ -1,0 +1,89 @@
+"""``hf-psgd train RECIPE --help``: the keys of one recipe, with the recipe's own values as defaults.
+
+The optimizer's and the recipe's keys come first, then the model and data keys, then the training
+arguments that the recipe sets; the other ``TrainingArguments`` fields (well over a hundred) are
+accepted too, and the help points to their documentation instead of listing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import shutil
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .loading import _read_yaml, load_recipe
+
+__all__ = ["recipe_help"]
+
+TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+SFT_CONFIG_DOCS = "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig"
+_OPTIMIZER_KEYS = ("optim", "optim_args", "learning_rate", "learning_rates")
+_HELP = {"learning_rate": "The learning rate of the optimizer that runs (its learning_rates entry, if any)"}
+
+
+def _shown(value: Any) -> str:
+    """A value as it is typed on the command line."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"  # report_to: none is []
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _fill(text: str) -> str:
+    """``text`` wrapped as argparse wraps help, without breaking a link."""
+    width = shutil.get_terminal_size().columns - 2
+    return textwrap.fill(text, width=width, break_long_words=False, break_on_hyphens=False)
+
+
+def recipe_help(path: str | Path, overrides: Sequence[str] = (), prog: str = "hf-psgd train RECIPE") -> str:
+    """The help of the recipe ``path`` with command-line ``overrides`` (see the module docstring)."""
+    recipe = load_recipe(path, overrides)
+    given = set(_read_yaml(Path(path))) | recipe.overridden_keys
+    training = recipe.training
+    set_training_keys = [
+        f.name for f in dataclasses.fields(training) if f.name in given and f.name not in _OPTIMIZER_KEYS
+    ]
+    groups = {
+        "optimizer (PSGD's own options go in optim_args)": [
+            *((training, key) for key in ("optim", "optim_args", "learning_rate")),
+            (recipe.recipe, "learning_rates"),
+        ],
+        "recipe": [(recipe.recipe, f.name) for f in dataclasses.fields(recipe.recipe) if f.name != "learning_rates"],
+        "model": [(recipe.model, f.name) for f in dataclasses.fields(recipe.model)],
+        "data": [(recipe.data, f.name) for f in dataclasses.fields(recipe.data)],
+        "training arguments set by this recipe": [(training, key) for key in set_training_keys],
+    }
+    docs = TRAINING_ARGUMENTS_DOCS
+    if recipe.recipe.task == "sft":
+        docs += f" and (task sft) {SFT_CONFIG_DOCS}"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"{prog} [--key value ...]",
+        description=_fill(
+            f"The keys of {path} (task {recipe.recipe.task}); each default is the recipe's value (from the file or the "
+            "command line). Any key given as --key value overrides the file."
+        ),
+        epilog=_fill(
+            f"Every other TrainingArguments option is accepted too, as --key value or as a recipe key; see {docs}"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    for title, keys in groups.items():
+        group = parser.add_argument_group(title)
+        for arguments, key in keys:
+            text = _HELP.get(key) or arguments.__dataclass_fields__[key].metadata.get("help", "")
+            if arguments is training and key not in ("optim", "optim_args"):
+                text = text.split(". ")[0].rstrip(".")  # transformers' help: its first sentence
+            value = getattr(arguments, key)
+            if value is not None or "default" not in text:  # else the help says what None means
+                text += f" (default: {_shown(value)})"
+            group.add_argument(f"--{key}", action="store_true", help=text.replace("%", "%%"))  # shown, not parsed
+    return parser.format_help()
