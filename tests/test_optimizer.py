@@ -160,7 +160,7 @@ def test_hvp_without_graph_or_closure_says_what_to_do() -> None:
     x = _param(3)
     opt = PSGD([x], curvature="hvp")
     _quadratic(x).backward()
-    with pytest.raises(RuntimeError, match=r"create_graph=True.*closure.*accumulate_hvp"):
+    with pytest.raises(RuntimeError, match=r"PSGDTrainer.*closure.*create_graph=True.*accumulate_hvp"):
         opt.step()
 
 
