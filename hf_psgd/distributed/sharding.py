@@ -51,8 +51,8 @@ class DataParallelOwners(Distribution):
         self.owners: dict[Tensor, int] = {}
         #: how long a process waits in a state gather for the others before it raises
         self.state_dict_timeout = timedelta(seconds=300)
-        # states travel pickled on the CPU, in a gloo group of their own (a timed-out gather there
-        # leaves the training group's collectives in step)
+        # states travel pickled on the CPU, in a gloo group of their own: a timed-out gather breaks the
+        # group it ran in. Creating it is a collective: a sharded PSGD is built on every rank.
         self._state_group = dist.new_group(backend="gloo")
 
     def assign(self, plans: Sequence[BlockPlan]) -> None:

@@ -150,7 +150,7 @@ def psgd_optimizer_kwargs(optim: str, optim_args: str | None, learning_rate: flo
             "give; use curvature=whiten or curvature=hvp (exact H v, computed by PSGDTrainer)"
         )
     try:
-        PSGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        PSGD([torch.nn.Parameter(torch.zeros(1))], **{**kwargs, "shard_preconditioners": False})  # local: no collective
     except ValueError as error:
         raise ValueError(f"optim_args for {optim}: {error}") from None
     return kwargs
