@@ -32,6 +32,7 @@ interrupted suite resumes.
     python scripts/bench_quality.py                                  # everything missing from the cache
     python scripts/bench_quality.py --only psgd                      # PSGD only; the rest from the cache
     python scripts/bench_quality.py --only psgd --psgd-options whiten_momentum=True --label whiten-momentum
+    python scripts/bench_quality.py --only psgd --psgd-lr-scale 3 --label lr-x3     # the learning-rate rule
     python scripts/bench_quality.py --quick                          # smoke test: 4 steps, 1 seed, temporary cache
     python scripts/bench_quality.py --estimate 5                     # time 5 steps each, extrapolate the suite
 """
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--psgd-options", default="", help="PSGD options key=value,... (a variant: give --label)")
     parser.add_argument("--label", help="cache key and row name of the PSGD variant (default: 'defaults')")
+    parser.add_argument(
+        "--psgd-lr-scale", type=float, default=1.0, help="PSGD's learning rate: psgd_lr(task) times this (a variant)"
+    )
     parser.add_argument("--rerun", default="", help="comma-separated optimizers whose cached runs are trained again")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 steps per task, 1 seed, temporary cache")
     estimate_help = "time STEPS steps per task and optimizer; extrapolate the suite and a PSGD-only rerun (no cache)"
@@ -89,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--list", action="store_true", help="list the tasks and exit")
     args = parser.parse_args(argv)
-    if args.psgd_options and not args.label:
-        parser.error("--psgd-options names a PSGD variant: give it a --label (its cache key)")
+    if (args.psgd_options or args.psgd_lr_scale != 1.0) and not args.label:
+        parser.error("--psgd-options and --psgd-lr-scale name a PSGD variant: give it a --label (its cache key)")
     for flag in ("only", "rerun"):
         unknown = set(_names(getattr(args, flag))) - set(OPTIMIZER_NAMES)
         if unknown:
@@ -123,7 +127,7 @@ def make_suite(args: argparse.Namespace) -> Suite:
     return Suite(
         cache=ResultCache(folder),
         seeds=list(range(1 if args.quick else args.seeds)),
-        psgd_lr=psgd_lr,
+        psgd_lr=lambda task: psgd_lr(task) * args.psgd_lr_scale,
         psgd_options=psgd_options,
         label=args.label or "defaults",
         may_run=_names(args.only) or OPTIMIZER_NAMES,
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for task in tasks:
         entries = {entry.optimizer: entry for entry in suite.entries(task)}
-        results.append(TaskResult(task, entries, psgd_lr(task)))
+        results.append(TaskResult(task, entries, suite.psgd_lr(task)))
     out = args.out or (QUICK_FOLDER / "quality.md" if args.quick else RESULTS / "quality.md")
     write(render(results, suite, time.perf_counter() - began, args.threads), out)
 
