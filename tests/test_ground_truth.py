@@ -22,14 +22,18 @@ def _kron_preconditioner(opt: PSGD, param: torch.Tensor) -> torch.Tensor:
     return torch.kron(left, right)
 
 
+FITS = pytest.mark.parametrize("fit", ["eq", "q0.5eq1.5"])
+
+
+@FITS
 @pytest.mark.parametrize("indefinite", [False, True], ids=["spd", "indefinite"])
-def test_kron_hvp_fits_inverse_abs_hessian(indefinite: bool) -> None:
+def test_kron_hvp_fits_inverse_abs_hessian(indefinite: bool, fit: str) -> None:
     """Loss 1/2 tr(X^T H1 X H2) has Hessian H1 (x) H2 on vec(X); P must tend to |H|^{-1}."""
     m, n = 5, 4
     h1 = random_symmetric(m, indefinite=indefinite, seed=1)
     h2 = random_symmetric(n, seed=2)
     x = torch.nn.Parameter(torch.randn(m, n, dtype=torch.float64))
-    opt = _fit_only(x, curvature="hvp", precond_lr=0.1, max_skew=math.inf)
+    opt = _fit_only(x, curvature="hvp", precond_lr=0.1, max_skew=math.inf, fit=fit)
     for t in range(2000):
         if t == 1000:
             opt.param_groups[0]["precond_lr"] = 0.02
@@ -51,13 +55,14 @@ def test_diag_hvp_fits_inverse_abs_diagonal_hessian() -> None:
     torch.testing.assert_close(fitted * diagonal.abs(), torch.ones(6, dtype=torch.float64), rtol=1e-3, atol=0)
 
 
-def test_kron_whitening_fits_inverse_sqrt_covariance() -> None:
+@FITS
+def test_kron_whitening_fits_inverse_sqrt_covariance(fit: str) -> None:
     """Gradients G = C1^{1/2} Z C2^{1/2} (Z white) have covariance C1 (x) C2: P -> C^{-1/2}."""
     m, n = 4, 3
     c1, c2 = random_symmetric(m, 0.5, 4.0, seed=3), random_symmetric(n, 0.5, 4.0, seed=4)
     s1, s2 = matrix_power(c1, 0.5), matrix_power(c2, 0.5)
     x = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
-    opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf)
+    opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf, fit=fit)
     gen = torch.Generator().manual_seed(0)
     for t in range(6000):
         opt.param_groups[0]["precond_lr"] = 0.1 if t < 2000 else 0.01
@@ -136,19 +141,23 @@ def test_diag_whitening_fits_inverse_rms() -> None:
     torch.testing.assert_close(fitted * scales, torch.ones(4, dtype=torch.float64), rtol=0.08, atol=0)
 
 
+@FITS
 @pytest.mark.parametrize("route", ["closure", "graph"])
-def test_rosenbrock_hvp_reaches_1e_10_without_line_search(route: str) -> None:
+def test_rosenbrock_hvp_reaches_1e_10_without_line_search(route: str, fit: str) -> None:
+    """EQ at the fit's largest step, 1; Q0.5EQ1.5 at 0.3 (with steps of 1 its full, untriangular updates can
+    leave the group: there it diverges, at 0.5 it stalls near 1e-7)."""
     x = torch.nn.Parameter(torch.tensor([-1.0, 1.0], dtype=torch.float64))
     opt = PSGD(
         [x],
         lr=1.0,
         curvature="hvp",
         momentum=0.0,
-        precond_lr=1.0,
+        precond_lr=1.0 if fit == "eq" else 0.3,
         lipschitz_beta=0.0,
         precond_update_prob=1.0,
         max_update_rms=None,
         max_skew=math.inf,
+        fit=fit,
     )
     for _ in range(500):
         if route == "closure":
@@ -162,11 +171,11 @@ def test_rosenbrock_hvp_reaches_1e_10_without_line_search(route: str) -> None:
     assert rosenbrock(x.detach()) < 1e-10, f"f = {rosenbrock(x.detach()).item():.3e} after 500 iterations"
 
 
-def test_kron_factors_stay_in_their_groups() -> None:
-    """Over a long noisy run, dense factors stay upper triangular with a positive diagonal and
+def test_kron_eq_factors_stay_in_their_groups() -> None:
+    """Over a long noisy run, EQ's dense factors stay upper triangular with a positive diagonal and
     diagonal factors stay positive; everything finite."""
     x = torch.nn.Parameter(torch.zeros(6, 40))
-    opt = PSGD([x], lr=0.0, precond_update_prob=1.0, precond_lr=0.5)
+    opt = PSGD([x], lr=0.0, precond_update_prob=1.0, precond_lr=0.5, fit="eq")
     gen = torch.Generator().manual_seed(0)
     for _ in range(1000):
         x.grad = torch.randn(6, 40, generator=gen) * torch.logspace(-3, 3, 40)
@@ -176,3 +185,26 @@ def test_kron_factors_stay_in_their_groups() -> None:
     assert torch.equal(dense, dense.triu())
     assert (dense.diagonal() > 0).all() and (diagonal > 0).all()
     assert all(torch.isfinite(t).all() for t in (dense, diagonal, *opt.state[x]["P"]))
+
+
+def test_q05eq15_factors_stay_symmetric_positive_definite_and_take_over_eq_factors() -> None:
+    """Q0.5EQ1.5 keeps dense factors symmetric positive definite; switched on after EQ fits (a triangular
+    factor), its Procrustes rotations make the factor symmetric without changing ``P``."""
+    x = torch.nn.Parameter(torch.zeros(6, 40, dtype=torch.float64))
+    opt = PSGD([x], lr=0.0, precond_update_prob=1.0, precond_lr=0.5, max_skew=math.inf, fit="eq")
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-3, 3, 40, dtype=torch.float64)
+    for t in range(600):
+        if t == 300:
+            before = [p.clone() for p in opt.state[x]["P"]]
+            opt.param_groups[0].update(fit="q0.5eq1.5", precond_lr=1e-12)  # rotations only, for 60 fits
+        if t == 360:
+            for p, old in zip(opt.state[x]["P"], before):
+                torch.testing.assert_close(p / p.norm(), old / old.norm(), rtol=0, atol=3e-4)  # |aR|^4 / 4 a step
+            assert all((q - q.mT).abs().max() < 1e-6 * q.abs().max() for q in opt.state[x]["Q"])
+            opt.param_groups[0]["precond_lr"] = 0.5
+        x.grad = torch.randn(6, 40, generator=gen, dtype=torch.float64) * scales
+        opt.step()
+    for q in opt.state[x]["Q"]:  # each fit's step is not symmetric; one rotation a fit keeps it nearly so
+        assert (q - q.mT).abs().max() < 0.01 * q.abs().max()
+        assert torch.linalg.eigvalsh((q + q.mT) / 2).min() > 0

@@ -317,3 +317,14 @@ def test_kron_with_bf16_storage_applies_its_factors_in_bf16() -> None:
     assert result.dtype == torch.bfloat16
     assert ((result.float() - expected).norm() / expected.norm()).item() < 1e-2
     assert not torch.equal(left, torch.eye(20) * left[0, 0])  # the fit moved P
+
+
+def test_learning_rate_none_resolves_per_group_curvature_at_construction() -> None:
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = PSGD([{"params": [a]}, {"params": [b], "curvature": "hvp"}])
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 0.3]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert scheduler.get_last_lr() == [5e-4, 0.15]
+    assert PSGD([a], lr=0.02, curvature="hvp").param_groups[0]["lr"] == 0.02
+    with pytest.raises(ValueError, match=r"lr=-1.0 is invalid: expected None \(the curvature's default\)"):
+        PSGD([a], lr=-1.0)

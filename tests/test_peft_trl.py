@@ -110,3 +110,12 @@ def test_trl_metrics_of_an_hvp_step_are_those_of_sft_trainer(tmp_path: Path) -> 
     for key in ("entropy", "mean_token_accuracy", "num_tokens", "loss"):
         assert logs[key] == pytest.approx(reference[key], rel=1e-5), key
     assert evaluation["eval_num_tokens"] == reference_eval["eval_num_tokens"] == reference["num_tokens"] > 0
+
+
+def test_sft_config_learning_rate_defaults(tmp_path: Path) -> None:
+    """``PSGDSFTConfig``: PSGD's default for the curvature with a PSGD name, SFTConfig's own (2e-5) otherwise."""
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    assert PSGDSFTConfig(**common, optim="psgd_kron", optim_args="curvature=hvp").learning_rate == 0.3
+    assert PSGDSFTConfig(**common, optim="psgd_lra").learning_rate == 1e-3
+    assert PSGDSFTConfig(**common).learning_rate == SFTConfig(**common).learning_rate == 2e-5
+    assert PSGDSFTConfig(**common, optim="psgd_kron", learning_rate=0.05).learning_rate == 0.05

@@ -87,6 +87,31 @@ def test_resume_from_saved_state_is_bitwise_identical(
     ]
 
 
+def test_checkpoint_from_before_an_option_existed_resumes_with_its_saved_options() -> None:
+    """A state dict whose param groups lack options added since (``fit``, ``max_skew``) loads; those
+    take their defaults, the saved ones (an old default included) are kept, and training goes on exactly
+    as the uninterrupted run."""
+    x = torch.nn.Parameter(torch.randn(8, 5))
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(8, 5, generator=gen) for _ in range(6)]
+    reference, opt = x.detach().clone().requires_grad_(), PSGD([x], whiten_momentum=True, fit="q0.5eq1.5")
+    twin = PSGD([reference], whiten_momentum=True, fit="q0.5eq1.5")
+    for g in grads[:3]:
+        x.grad, reference.grad = g.clone(), g.clone()
+        opt.step(), twin.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for key in ("fit", "max_skew"):
+        del saved["param_groups"][0][key]
+    resumed = PSGD([x])
+    resumed.load_state_dict(saved)
+    group = resumed.param_groups[0]
+    assert (group["fit"], group["max_skew"], group["whiten_momentum"]) == ("q0.5eq1.5", 1.0, True)
+    for g in grads[3:]:
+        x.grad, reference.grad = g.clone(), g.clone()
+        resumed.step(), twin.step()
+    assert torch.equal(x, reference)
+
+
 def test_state_dict_round_trip_preserves_values_and_dtypes() -> None:
     """A bf16 parameter keeps an fp32 preconditioner through load_state_dict (the base class
     would cast it to bf16), and a bf16 preconditioner option is honoured."""

@@ -161,3 +161,8 @@ def test_a_refused_initialisation_leaves_no_half_made_state() -> None:
     opt.param_groups[0]["max_dense_size"] = 20
     opt.step()
     assert "momentum" in opt.state[p] and opt.state[p]["step"] == 1
+
+
+def test_an_unknown_kron_fit_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"fit='q05' is invalid: expected one of \['eq', 'q0.5eq1.5'\]"):
+        PSGD([torch.nn.Parameter(torch.ones(2))], fit="q05")

@@ -276,6 +276,34 @@ def test_plain_trainer_with_hvp_says_to_use_psgd_trainer(tmp_path: Path) -> None
         trainer.train()
 
 
+@pytest.mark.parametrize(
+    ("optim", "optim_args", "expected"),
+    [("psgd_kron", None, 1e-3), ("psgd_kron", "curvature=hvp", 0.3), ("psgd_diag", "curvature=whiten", 1e-3)],
+)
+def test_learning_rate_defaults_to_psgd_default_for_the_curvature(
+    tmp_path: Path, caplog, optim: str, optim_args: str | None, expected: float
+) -> None:
+    """Trainer's 5e-5 barely moves a whitening PSGD and an HVP one not at all: ``None`` resolves per curvature,
+    once, where the scheduler and the optimizer read it."""
+    with caplog.at_level("INFO", logger="hf_psgd.integrations.arguments"):
+        args = _args(tmp_path, learning_rate=None, optim=optim, optim_args=optim_args)
+    assert args.learning_rate == expected
+    assert len([r for r in caplog.records if "learning_rate not given" in r.message]) == 1
+    trainer = PSGDTrainer(model=nn.Linear(2, 1), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [expected] * len(trainer.optimizer.param_groups)
+    assert trainer.lr_scheduler.base_lrs == [expected] * len(trainer.optimizer.param_groups)
+
+
+def test_learning_rate_given_is_kept_and_other_optimizers_keep_trainers_default(tmp_path: Path) -> None:
+    assert _args(tmp_path, learning_rate=0.02).learning_rate == 0.02
+    assert _args(tmp_path, learning_rate=None, optim="adamw_torch", optim_args=None).learning_rate == 5e-5
+    parser = HfArgumentParser(PSGDTrainingArguments)
+    assert parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])[0].learning_rate == 5e-5
+    (given,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "psgd_kron"])
+    assert given.learning_rate == 1e-3
+
+
 def test_pin_memory_defaults_to_whether_an_accelerator_is_present(tmp_path: Path) -> None:
     """PyTorch warns on every DataLoader that pins memory without an accelerator."""
     default = PSGDTrainingArguments(output_dir=str(tmp_path), optim="psgd_kron", report_to="none")

@@ -142,8 +142,6 @@ class DataParallelOwners(Distribution):
         return dict(sorted(merged.items()))
 
 
-
-
 def _group_device(group: dist.ProcessGroup | None) -> torch.device:
     backend = dist.get_backend(group)
     if backend == "nccl":

@@ -9,18 +9,21 @@ arguments and validated by PSGD itself, so a bad key or value fails when the arg
 The update schedule is a number (constant probability) or its keys as ``key:value`` pairs joined by
 ``;`` (``precond_update_prob=flat_steps:100;decay:0.01``; keys left out keep their defaults).
 ``curvature=fd`` is refused: Trainer calls ``step()`` without the closure it needs. Without an
-accelerator ``dataloader_pin_memory`` defaults to false (pinning needs one).
+accelerator ``dataloader_pin_memory`` defaults to false (pinning needs one). ``learning_rate``
+defaults to ``None``: PSGD's default for the chosen curvature with a PSGD name (logged once), the
+base class's default (Trainer's 5e-5, ``SFTConfig``'s 2e-5) otherwise; a value given is kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
-from ..optim import PRECONDITIONERS, PSGD
+from ..optim import PRECONDITIONERS, PSGD, default_learning_rate
 
 __all__ = [
     "PSGDArgumentsMixin",
@@ -35,6 +38,7 @@ PREFIX = "psgd_"
 #: Options that TrainingArguments sets (learning_rate, weight_decay) or the optimizer name fixes.
 _RESERVED = {"params": "", "lr": "learning_rate", "weight_decay": "weight_decay", "preconditioner": "optim"}
 _BUILTIN_STAND_IN = "adamw_torch"
+logger = logging.getLogger(__name__)
 
 
 def psgd_optimizer_names() -> list[str]:
@@ -137,9 +141,10 @@ def _parse_optim_args(text: str | None) -> dict[str, Any]:
     return options
 
 
-def psgd_optimizer_kwargs(optim: str, optim_args: str | None, learning_rate: float) -> dict[str, Any]:
+def psgd_optimizer_kwargs(optim: str, optim_args: str | None, learning_rate: float | None) -> dict[str, Any]:
     """Keyword arguments of :class:`~hf_psgd.PSGD` for an ``optim`` name and its ``optim_args``
-    (validated: a bad name, key or value raises ``ValueError`` naming it)."""
+    (validated: a bad name, key or value raises ``ValueError`` naming it); ``learning_rate=None``
+    gives ``lr=None``, the curvature's default."""
     family = optim.removeprefix(PREFIX)
     if family not in PRECONDITIONERS:
         raise ValueError(f"optim={optim!r} is not a PSGD optimizer; choose one of {', '.join(psgd_optimizer_names())}")
@@ -172,6 +177,15 @@ class PSGDArgumentsMixin:
 
     optim_args: str | None = field(default=None, metadata={"help": optim_args_help()})
 
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "The initial learning rate. Default: with a PSGD optimizer PSGD's default for its curvature "
+            f"(whiten {default_learning_rate('whiten'):g}, hvp and fd {default_learning_rate('hvp'):g}); "
+            "otherwise the Trainer's default"
+        },
+    )
+
     dataloader_pin_memory: bool | None = field(
         default=None,
         metadata={"help": "Pin DataLoader memory; default: true when an accelerator (GPU) is present, else false"},
@@ -182,14 +196,30 @@ class PSGDArgumentsMixin:
             self.dataloader_pin_memory = torch.accelerator.is_available()
         name = self.optim
         if not is_psgd_optimizer_name(name):
+            if self.learning_rate is None:
+                self.learning_rate = _base_default(type(self), "learning_rate")
             super().__post_init__()
             return
-        psgd_optimizer_kwargs(name, self.optim_args, self.learning_rate)
+        kwargs = psgd_optimizer_kwargs(name, self.optim_args, self.learning_rate)
+        if self.learning_rate is None:
+            curvature = kwargs.get("curvature", PSGD.option_specs()["curvature"][0])
+            self.learning_rate = default_learning_rate(curvature)
+            logger.info("learning_rate not given: %g, PSGD's default for curvature=%s", self.learning_rate, curvature)
         self.optim = _BUILTIN_STAND_IN
         try:
             super().__post_init__()
         finally:
             self.optim = name
+
+
+def _base_default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name`` in the first base of ``cls`` after the mixin that declares it."""
+    bases = cls.__mro__[cls.__mro__.index(PSGDArgumentsMixin) + 1 :]
+    for base in bases:
+        declared = {f.name: f for f in fields(base)} if "__dataclass_fields__" in vars(base) else {}
+        if name in declared:
+            return declared[name].default
+    raise AttributeError(f"no base of {cls.__name__} declares {name!r}")
 
 
 @dataclass

@@ -1,14 +1,17 @@
 """The optimizer core: a plain PyTorch optimizer (no transformers, accelerate or peft imports)."""
 
+from .options import DEFAULT_LEARNING_RATES, default_learning_rate
 from .preconditioners import PRECONDITIONERS, Preconditioner, get_preconditioner, register_preconditioner
 from .psgd import PSGD
 from .schedules import DEFAULT_UPDATE_SCHEDULE, update_probability
 
 __all__ = [
+    "DEFAULT_LEARNING_RATES",
     "DEFAULT_UPDATE_SCHEDULE",
     "PRECONDITIONERS",
     "PSGD",
     "Preconditioner",
+    "default_learning_rate",
     "get_preconditioner",
     "register_preconditioner",
     "update_probability",

@@ -19,6 +19,7 @@ __all__ = [
     "largest_eigenvalue_2x2",
     "nonzero_slices",
     "power_of_two_scale",
+    "procrustes_step_",
     "solve_transpose_along",
     "spd_norm_lower_bound",
     "to_rows",
@@ -119,8 +120,9 @@ def spd_norm_lower_bound(a: Tensor) -> Tensor:
     """A cheap lower bound of the spectral norm of a symmetric positive semi-definite matrix.
 
     One power-iteration step from the row ``x = A e_j`` of largest norm: ``|A x| / |x|``. For PSD
-    ``A`` this is at least ``|A e_j|`` and at most ``|A|_2``. Computed on ``A`` scaled by a power of
-    two (exact), so every finite ``A`` gives a finite bound. No host synchronisation.
+    ``A`` this is at least ``|A e_j|`` and at most ``|A|_2`` (still a lower bound for any square ``A``).
+    Computed on ``A`` scaled by a power of two (exact), so every finite ``A`` gives a finite bound. No
+    host synchronisation.
     """
     scale = power_of_two_scale(a)
     a = a * scale
@@ -138,3 +140,21 @@ def largest_eigenvalue_2x2(alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor
     rank-2 matrix ``a a^T + b b^T`` in ``O(n)``.
     """
     return (alpha + beta).mul_(0.5).add_(torch.hypot((alpha - beta).mul_(0.5), gamma))
+
+
+def procrustes_step_(q: Tensor, max_step: float = 0.125) -> None:
+    """One online step of the orthogonal Procrustes problem ``min_U |U Q - I|_F`` over rotations, in place.
+
+    ``Q <- U Q`` with ``U = exp(a R) ~ I + a R + (a R)^2 / 2``, ``R = Q^T - Q`` normalised by a lower
+    bound of its norm and ``a <= max_step`` (line search where ``tr(R^2 Q) < 0``): ``Q^T Q`` is kept up
+    to ``|a R|^4 / 4`` while ``Q`` moves towards the symmetric positive definite root of ``Q^T Q``
+    (Li's psgd_torch, ``procrustes_step2``). Matrix products only; no host synchronisation.
+    """
+    r = q.mT - q
+    r = r / spd_norm_lower_bound(r).clamp_min(torch.finfo(q.dtype).tiny)
+    rq = r @ q
+    rrq = r @ rq
+    trace_rq, trace_rrq = rq.diagonal().sum(), rrq.diagonal().sum()
+    line_search = (-trace_rq / trace_rrq.clamp_max(-torch.finfo(q.dtype).tiny)).clamp_max(max_step)
+    a = torch.where(trace_rrq < 0, line_search, torch.full_like(trace_rq, max_step))
+    q.add_(rrq.mul_(0.5 * a).add_(rq).mul_(a))

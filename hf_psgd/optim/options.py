@@ -18,7 +18,26 @@ from .preconditioners import PRECONDITIONERS, family_option_fields, get_precondi
 from .schedules import validate_schedule
 from .validation import check, dtype_name, is_int, is_number, refuse_unknown
 
-__all__ = ["check_param_group", "merge_defaults", "option_specs", "validate_group"]
+__all__ = [
+    "DEFAULT_LEARNING_RATES",
+    "check_param_group",
+    "default_learning_rate",
+    "fill_missing_options",
+    "merge_defaults",
+    "option_specs",
+    "validate_group",
+]
+
+#: ``lr=None`` resolves to these, per curvature. Whitening steps ``P m`` are RMS-normalised like Adam's, so
+#: Adam-sized rates suit them; ``hvp`` / ``fd`` steps are Newton-type (``P ~ |H|^-1``: parameter units).
+DEFAULT_LEARNING_RATES = {"whiten": 1e-3, "hvp": 0.3, "fd": 0.3}
+
+
+def default_learning_rate(curvature: str) -> float:
+    """PSGD's learning rate when none is given, for a curvature source (:data:`DEFAULT_LEARNING_RATES`)."""
+    check("curvature", curvature, curvature in DEFAULT_LEARNING_RATES, f"one of {list(DEFAULT_LEARNING_RATES)}")
+    return DEFAULT_LEARNING_RATES[curvature]
+
 
 #: param-group keys that are not options: torch.optim's own, learning-rate schedulers', a label
 _OTHER_GROUP_KEYS = ("params", "param_names", "initial_lr", "name")
@@ -38,6 +57,15 @@ def option_specs(init: Callable[..., None]) -> dict[str, tuple[Any, str]]:
     specs = {p.name: (p.default, str(p.annotation)) for p in parameters if p.default is not inspect.Parameter.empty}
     specs.update({name: (field.default, str(field.type)) for name, field in family_option_fields().items()})
     return specs
+
+
+def fill_missing_options(groups: list[dict[str, Any]], defaults: Mapping[str, Any]) -> None:
+    """Give loaded param groups the options they lack (saved before those options existed) their
+    defaults, then validate them: such a checkpoint resumes with the old behaviour of every option it has."""
+    for group in groups:
+        for name, value in defaults.items():
+            group.setdefault(name, value)
+        validate_group(group)
 
 
 def check_param_group(group: dict[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -69,12 +97,15 @@ def validate_group(group: dict[str, Any]) -> None:
 
 def _validate_shell_options(group: dict[str, Any]) -> None:
     num = is_number
-    check("lr", group["lr"], num(group["lr"]) and group["lr"] >= 0, "a finite number >= 0")
+    curvature = group["curvature"]
+    check("curvature", curvature, curvature in CURVATURES, f"one of {list(CURVATURES)}")
+    if group["lr"] is None:
+        group["lr"] = default_learning_rate(curvature)
+    lr = group["lr"]
+    check("lr", lr, num(lr) and lr >= 0, "None (the curvature's default) or a finite number >= 0")
     check("momentum", group["momentum"], num(group["momentum"]) and 0 <= group["momentum"] < 1, "a number in [0, 1)")
     wd = group["weight_decay"]
     check("weight_decay", wd, num(wd) and wd >= 0, "a finite number >= 0")
-    curvature = group["curvature"]
-    check("curvature", curvature, curvature in CURVATURES, f"one of {list(CURVATURES)}")
     mu = group["precond_lr"]
     check("precond_lr", mu, num(mu) and 0 < mu <= 1, "a number in (0, 1]")
     beta = group["lipschitz_beta"]

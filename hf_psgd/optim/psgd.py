@@ -30,7 +30,7 @@ from .checkpoint import check_loaded_state, copy_to_device
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
 from .distribution import reject_sharded_parameters, resolve_distribution
 from .fitting import fit_preconditioner
-from .options import check_param_group, merge_defaults, option_specs, validate_group
+from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
 from .update import all_finite, apply_updates_, clip_update_rms_
@@ -50,7 +50,8 @@ class PSGD(Optimizer):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate of the parameter update.
+        lr: learning rate of the parameter update; ``None``: the curvature's default
+            (:data:`~.options.DEFAULT_LEARNING_RATES`), resolved into each param group at construction.
         preconditioner: a family of :data:`hf_psgd.optim.PRECONDITIONERS`: ``"kron"`` (per tensor, one
             factor per dim), ``"diag"`` (elementwise), or one over the whole flattened param group:
             ``"lra"`` (diagonal plus low rank), ``"xmat"`` (diagonal plus anti-diagonal), ``"dense"``.
@@ -84,7 +85,7 @@ class PSGD(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | None = None,
         preconditioner: str = "kron",
         curvature: str = "whiten",
         momentum: float = 0.9,
@@ -230,8 +231,7 @@ class PSGD(Optimizer):
             self._warned_nonfinite = True
             warnings.warn(
                 "PSGD skipped a step because a gradient or Hessian-vector product was NaN or Inf; parameters, "
-                "momentum and preconditioners were left unchanged (state['skipped_steps'] counts skips). "
-                "This warning is shown once.",
+                "momentum and preconditioners were left unchanged (state['skipped_steps'] counts skips). Shown once.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -284,10 +284,11 @@ class PSGD(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like ``Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (the base
         class would round an fp32 preconditioner of a bf16 parameter), and refuses a state of other
-        shapes or families or with non-finite values (:func:`.checkpoint.check_loaded_state`).
-        Takes a state saved at any world size; under sharding a process keeps its own blocks."""
+        shapes or families or with non-finite values (:func:`.checkpoint.check_loaded_state`); options
+        added since the save get their defaults. Takes a state saved at any world size (sharded: keeps its own)."""
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
+        fill_missing_options(self.param_groups, self.defaults)
         params = [p for group in self.param_groups for p in group["params"]]
         plans = {plan.key: plan for plan in self._plans()}
         owned = self._owned_indices()

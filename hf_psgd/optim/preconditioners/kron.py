@@ -1,24 +1,31 @@
 """Kron: ``Q = Q_0 (x) Q_1 (x) ... (x) Q_{k-1}``, one factor per dim of the tensor.
 
-Each factor ``Q_i`` (``n_i x n_i``) lives on the group of upper-triangular matrices with positive
-diagonal ("dense") or on the group of positive diagonal matrices (stored as a vector). Dim ``i`` of a
-tensor with ``N`` elements gets a dense factor when ``1 < n_i <= max_dense_size`` and
+Each factor ``Q_i`` (``n_i x n_i``) is dense or a positive diagonal matrix (stored as a vector). Dim
+``i`` of a tensor with ``N`` elements gets a dense factor when ``1 < n_i <= max_dense_size`` and
 ``n_i^2 <= max_skew * N``, else a diagonal one; scalars and (with ``max_skew <= 1``) vectors are
 diagonal. ``P = Q^T Q`` acts on a gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``,
 cached after every fit (in the storage dtype, in which preconditioning then runs: bf16 storage
 means bf16 products) so that preconditioning costs one product per dense factor.
 
-Fit (Li 2015/2018, the triangular "EQ" geometry): with ``A = Q h`` and ``B = Q^{-T} v`` (both
-tensor-shaped), the relative gradient of ``E[h^T P h + v^T P^{-1} v]`` for factor ``i`` is
-``E_i = A_(i) A_(i)^T - B_(i) B_(i)^T`` (``X_(i)``: the fibres of ``X`` along dim ``i``). Every factor
-moves as ``Q_i <- Q_i - (mu / L_i) triu(E_i) Q_i`` (diagonal: ``q_i <- q_i - (mu / L_i) E_i q_i``),
-where ``L_i`` is a running lower bound of the spectral norm of ``A_(i) A_(i)^T + B_(i) B_(i)^T``, so
-``mu = precond_lr`` is dimensionless. No damping and no line search are needed. After each fit the
-factors are rebalanced (equal max-norms, same product) to keep them well scaled.
+Both fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
+running lower bound of the spectral norm of the factor's two terms, so ``mu = precond_lr`` is
+dimensionless; no damping and no line search are needed. After each fit the factors are rebalanced
+(equal max-norms, same product) to keep them well scaled.
 
-With whitening the probe is integrated out: ``E_v[B_(i) B_(i)^T] = (Q_i^{-T} Q_i^{-1}) prod_{j!=i}
-|Q_j^{-1}|_F^2`` needs one small Cholesky inverse per factor instead of solves against the whole
-tensor, and has no sampling noise.
+``fit="q0.5eq1.5"`` (the default; Li's psgd_torch default since 2025): dense factors are symmetric
+positive definite and move as ``dQ = Q^0.5 E Q^1.5``: ``Q_i <- Q_i - (mu / L_i)(Gamma_i - V_i) Q_i``
+with ``Gamma_i = (P h)_(i) (P h)_(i)^T`` (``X_(i)``: the fibres of ``X`` along dim ``i``) and
+``V_i = v_(i) v_(i)^T`` (whitening: ``E V_i = (N / n_i) I``); then one Procrustes step (a rotation,
+so ``P`` is kept) pulls ``Q_i`` back to symmetric (:func:`~..linalg.procrustes_step_`). Matrix
+products only: no triangular solves or inverses.
+
+``fit="eq"`` (Li 2015/2018, the triangular geometry; the default before 0.2): dense factors are upper
+triangular with a positive diagonal; with ``A = Q h`` and ``B = Q^{-T} v`` the relative gradient is
+``E_i = A_(i) A_(i)^T - B_(i) B_(i)^T`` and ``Q_i <- Q_i - (mu / L_i) triu(E_i) Q_i``. With
+whitening the probe is integrated out: ``E_v[B_(i) B_(i)^T] = (Q_i^{-T} Q_i^{-1}) prod_{j!=i}
+|Q_j^{-1}|_F^2`` needs one small Cholesky inverse per factor. A factor fitted by EQ continues under
+Q0.5EQ1.5 (its ``P`` is unchanged); diagonal factors move the same way under both
+(``q_i <- q_i - (mu / L_i) E_i q_i``).
 
 Zero slices: every factor but a diagonal one on dim ``k`` acts within the slices along ``k``, so a
 slice of zeros stays zero. Where most slices along the largest diagonal-factor dim are zero (the
@@ -40,6 +47,7 @@ from ..linalg import (
     apply_along,
     gram_along,
     nonzero_slices,
+    procrustes_step_,
     solve_transpose_along,
     spd_norm_lower_bound,
     work_dtype,
@@ -48,6 +56,10 @@ from ..validation import FamilyOptions, check, is_int
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
 __all__ = ["Kron", "KronOptions", "factor_is_dense"]
+
+
+#: the fit geometries of :class:`Kron` (module docstring)
+KRON_FITS = ("eq", "q0.5eq1.5")
 
 
 def _work_shape(shape: torch.Size) -> torch.Size:
@@ -61,13 +73,16 @@ def factor_is_dense(n: int, numel: int, max_dense_size: int, max_skew: float) ->
 
 @dataclass(frozen=True)
 class KronOptions(FamilyOptions):
-    """The factor shapes: dim of size ``n`` of a tensor with ``N`` elements gets a triangular factor
-    if ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``, else a diagonal one."""
+    """The factor shapes: dim of size ``n`` of a tensor with ``N`` elements gets a dense factor if
+    ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``, else a diagonal one; ``fit``: the geometry
+    of the fit (module docstring)."""
 
     max_dense_size: int = 8192
     max_skew: float = 1.0
+    fit: str = "q0.5eq1.5"
 
     def validate(self) -> None:
+        check("fit", self.fit, self.fit in KRON_FITS, f"one of {list(KRON_FITS)}")
         size, skew = self.max_dense_size, self.max_skew
         check("max_dense_size", size, is_int(size) and size >= 0, "an int >= 0")
         skew_ok = isinstance(skew, (int, float)) and not isinstance(skew, bool) and skew >= 0
@@ -150,34 +165,29 @@ class Kron(Preconditioner):
     def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
         stored = state["Q"]
         factors = [q.to(work_dtype(q.dtype)) for q in stored]
+        symmetric = options["fit"] == "q0.5eq1.5"
+        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h against v
+        applied = [p.to(factors[0].dtype) for p in state["P"]] if symmetric else factors
         shape = _work_shape(h.shape)
-        a, sparse_dim, kept = cls._apply_all(h.reshape(shape).to(factors[0].dtype), factors)
-        if v is None:
-            inverse_grams = [cls._inverse_gram(q) for q in factors]
-            terms_b = cls._kron_expectation_terms(inverse_grams)
-            terms_damping = cls._damping_terms(factors, inverse_grams, options["damping"])
-        else:
-            b = v.reshape(shape).to(factors[0].dtype)
-            for dim, q in enumerate(factors):
-                b = solve_transpose_along(b, q, dim)
+        a, sparse_dim, kept = cls._apply_all(h.reshape(shape).to(factors[0].dtype), applied)
+        terms_b, terms_damping = cls._probe_terms(factors, applied, v, shape, options["damping"], symmetric)
         lipschitz = state["lipschitz"]
         for dim, q in enumerate(factors):
             diagonal = q.ndim == 1
             term_a = gram_along(a, dim, diagonal)
             if dim == sparse_dim and kept is not None:
                 term_a = torch.zeros_like(q).index_copy_(0, kept, term_a)
-            if v is None:
-                term_b = terms_b[dim]
-                if terms_damping[dim] is not None:
-                    term_a += terms_damping[dim]
-            else:
-                term_b = gram_along(b, dim, diagonal)
-            total = term_a + term_b
+            if terms_damping[dim] is not None:
+                term_a += terms_damping[dim]
+            total = term_a + terms_b[dim]
             bound = total.max() if diagonal else spd_norm_lower_bound(total)
             step = options["precond_lr"] / update_lipschitz(lipschitz[dim], bound, options["lipschitz_beta"])
-            gradient = term_a.sub_(term_b)
+            gradient = term_a.sub_(terms_b[dim])
             if diagonal:
                 q.sub_(gradient.mul_(q).mul_(step))
+            elif symmetric:
+                q.sub_(gradient.matmul(q).mul_(step))
+                procrustes_step_(q)
             else:
                 q.sub_(torch.triu(gradient).matmul(q).mul_(step))
         cls._balance(factors)
@@ -185,6 +195,35 @@ class Kron(Preconditioner):
             if q_stored is not q:
                 q_stored.copy_(q)
         cls._refresh_cache(state)
+
+    @classmethod
+    def _probe_terms(
+        cls,
+        factors: list[Tensor],
+        applied: list[Tensor],
+        v: Tensor | None,
+        shape: torch.Size,
+        damping: float,
+        symmetric: bool,
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Per dim, the probe side ``B_(i) B_(i)^T`` of the fit and the damping term added to the ``A``
+        side (``None``: none). With whitening the probe ``v`` is integrated out: ``(N / n_i) I`` for
+        Q0.5EQ1.5 (``B = v``), ``Q_i^{-T} Q_i^{-1} prod_{j!=i} |Q_j^{-1}|_F^2`` for EQ."""
+        if v is not None:
+            b = v.reshape(shape).to(factors[0].dtype)
+            for dim, q in enumerate([] if symmetric else factors):
+                b = solve_transpose_along(b, q, dim)
+            return [gram_along(b, dim, q.ndim == 1) for dim, q in enumerate(factors)], [None] * len(factors)
+        if not symmetric:
+            inverse_grams = [cls._inverse_gram(q) for q in factors]
+            return cls._kron_expectation_terms(inverse_grams), cls._damping_terms(factors, inverse_grams, damping)
+        numel = shape.numel()
+        identities = [torch.ones_like(q) if q.ndim == 1 else torch.eye(q.shape[0], dtype=q.dtype) for q in factors]
+        terms_b = [identity.to(q.device).mul_(numel / q.shape[0]) for identity, q in zip(identities, factors)]
+        if damping == 0:
+            return terms_b, [None] * len(factors)
+        squares = [p.square() if p.ndim == 1 else p @ p.mT for p in applied]
+        return terms_b, [term.mul_(damping**2) for term in cls._kron_expectation_terms(squares)]
 
     @staticmethod
     def _trace(gram: Tensor) -> Tensor:
