@@ -14,7 +14,8 @@ A benchmark for choosing PSGD's defaults on many tasks rather than on one recipe
 * ``friedman-mlp``: a regression MLP on Friedman #1; 3000 steps.
 
 Optimizers (``scripts/quality/optimizers.py``): ``adamw`` at the best of a learning-rate sweep (four points per
-task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(task))`` and nothing else but what a task is about
+task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(...))`` (``--psgd-lr-rule``: by default tuned AdamW's
+rate on the task) and nothing else but what a task is about
 (``Task.psgd_options``) and ``--psgd-options``; the anchors ``kron-torch`` (``Kron``), ``heavyball``
 (``PSGDKron``) and ``psgd-torch`` (``Kron``, whitening), each at the best of a three-point sweep, each optional
 (a missing package is reported and skipped; ``pip install -e '.[anchors]'``). A sweep runs on the first seed and
@@ -40,7 +41,6 @@ interrupted suite resumes.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import tempfile
 import time
@@ -55,15 +55,26 @@ from quality.report import TaskResult, render
 from quality.suite import Suite
 from quality.tasks import TASKS, TASKS_BY_NAME, Task
 
-from hf_psgd import PSGD
+from hf_psgd.optim import default_learning_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_FOLDER = Path(tempfile.gettempdir()) / "hf_psgd_quality_quick"
 
 
-def psgd_lr(task: Task) -> float:
-    """The one learning-rate rule of PSGD for every task. For now: PSGD's default learning rate."""
-    return inspect.signature(PSGD).parameters["lr"].default
+LR_RULES = {
+    "adamw": "with whitening tuned AdamW's rate on the task (the rate a user swapping optimizers already has); with "
+    "curvature hvp or fd, whose steps are Newton-type and have no AdamW counterpart, PSGD's default for it",
+    "default": "PSGD's default for the task's curvature, the same on every task",
+}
+
+
+def psgd_lr(task: Task, adamw_lr: float | None, rule: str = "adamw", scale: float = 1.0) -> float | None:
+    """The one learning-rate rule of PSGD for every task (``LR_RULES``), times ``scale``; ``None`` when the rule
+    needs AdamW's tuned rate and it is unknown."""
+    curvature = task.psgd_options.get("curvature", "whiten")
+    if rule == "default" or curvature != "whiten":
+        return default_learning_rate(curvature) * scale
+    return None if adamw_lr is None else adamw_lr * scale
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,8 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--psgd-options", default="", help="PSGD options key=value,... (a variant: give --label)")
     parser.add_argument("--label", help="cache key and row name of the PSGD variant (default: 'defaults')")
+    rules = "; ".join(f"{name}: {text}" for name, text in LR_RULES.items())
+    parser.add_argument("--psgd-lr-rule", choices=list(LR_RULES), default="adamw", help=f"(default adamw) {rules}")
     parser.add_argument(
-        "--psgd-lr-scale", type=float, default=1.0, help="PSGD's learning rate: psgd_lr(task) times this (a variant)"
+        "--psgd-lr-scale", type=float, default=1.0, help="PSGD's learning rate: the rule's times this (a variant)"
     )
     parser.add_argument("--rerun", default="", help="comma-separated optimizers whose cached runs are trained again")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 steps per task, 1 seed, temporary cache")
@@ -93,8 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--list", action="store_true", help="list the tasks and exit")
     args = parser.parse_args(argv)
-    if (args.psgd_options or args.psgd_lr_scale != 1.0) and not args.label:
-        parser.error("--psgd-options and --psgd-lr-scale name a PSGD variant: give it a --label (its cache key)")
+    if (args.psgd_options or args.psgd_lr_scale != 1.0 or args.psgd_lr_rule != "adamw") and not args.label:
+        parser.error(
+            "--psgd-options, --psgd-lr-rule and --psgd-lr-scale name a PSGD variant: give it a --label (its cache key)"
+        )
     for flag in ("only", "rerun"):
         unknown = set(_names(getattr(args, flag))) - set(OPTIMIZER_NAMES)
         if unknown:
@@ -127,11 +142,12 @@ def make_suite(args: argparse.Namespace) -> Suite:
     return Suite(
         cache=ResultCache(folder),
         seeds=list(range(1 if args.quick else args.seeds)),
-        psgd_lr=lambda task: psgd_lr(task) * args.psgd_lr_scale,
+        psgd_lr=lambda task, adamw_lr: psgd_lr(task, adamw_lr, args.psgd_lr_rule, args.psgd_lr_scale),
         psgd_options=psgd_options,
         label=args.label or "defaults",
         may_run=_names(args.only) or OPTIMIZER_NAMES,
         rerun=_names(args.rerun),
+        lr_rule=LR_RULES[args.psgd_lr_rule] + (f", times {args.psgd_lr_scale:g}" if args.psgd_lr_scale != 1 else ""),
     )
 
 
@@ -177,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for task in tasks:
         entries = {entry.optimizer: entry for entry in suite.entries(task)}
-        results.append(TaskResult(task, entries, suite.psgd_lr(task)))
+        results.append(TaskResult(task, entries, entries["psgd"].lr))
     out = args.out or (QUICK_FOLDER / "quality.md" if args.quick else RESULTS / "quality.md")
     write(render(results, suite, time.perf_counter() - began, args.threads), out)
 

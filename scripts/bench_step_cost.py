@@ -206,8 +206,8 @@ def update_and_apply(
     ]
 
 
-def make_psgd(params: list[Tensor], curvature: str = "whiten") -> OptimizerLike:
-    return PSGD(params, lr=LR, curvature=curvature, precond_update_prob=1.0)
+def make_psgd(params: list[Tensor], curvature: str = "whiten", **options: Any) -> OptimizerLike:
+    return PSGD(params, lr=LR, curvature=curvature, precond_update_prob=1.0, **options)
 
 
 def make_kron_torch(params: list[Tensor]) -> OptimizerLike:
@@ -258,6 +258,12 @@ def all_configs() -> list[Config]:
             "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0)",
             make_psgd,
             Switch("precond_update_prob", TINY_PROB, in_groups=True),
+        ),
+        Config(
+            "psgd-kron-eq",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, fit='eq'): the triangular fit, "
+            "the default before 0.2 (the default fit='q0.5eq1.5' is psgd_torch's newest: no solves)",
+            partial(make_psgd, fit="eq"),
         ),
         Config(
             "psgd-kron-hvp",

@@ -53,3 +53,16 @@ def test_digits_quick_run_psgd_far_above_chance(tmp_path: Path) -> None:
     for rank in (0, 1, 2, 5, 10):
         clean_final = float(table[f"PSGD-LRA r={rank}"][1].split(" ±")[0])
         assert clean_final >= 35, f"rank {rank}: {clean_final}% of the test digits"
+
+
+def test_quality_suite_learning_rate_rule(monkeypatch) -> None:
+    """PSGD's rate in the quality suite: tuned AdamW's with whitening (``None`` until AdamW's is known), PSGD's
+    per-curvature default with exact H v, and under the ``default`` rule; times the scale."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_quality")
+    tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
+    whiten, hvp = tasks["friedman-mlp"], tasks["friedman-mlp-hvp"]
+    assert bench.psgd_lr(whiten, 0.01) == 0.01 and bench.psgd_lr(whiten, None) is None
+    assert bench.psgd_lr(whiten, 0.01, scale=0.5) == 0.005
+    assert bench.psgd_lr(hvp, 0.01) == bench.psgd_lr(hvp, None) == 0.3
+    assert bench.psgd_lr(whiten, 0.01, rule="default") == 1e-3

@@ -27,7 +27,7 @@ class TaskResult:
 
     task: Task
     entries: dict[str, Entry]
-    psgd_lr: float
+    psgd_lr: float | None
 
     def gap(self, other: Entry | None) -> float | None:
         """PSGD's relative gap to ``other``'s mean held-out loss (positive: PSGD worse)."""
@@ -199,12 +199,13 @@ def variants_table(results: Sequence[TaskResult], records: dict[str, dict[str, R
     return "\n".join(lines)
 
 
-def intro(seeds: list[int]) -> str:
+def intro(seeds: list[int], lr_rule: str) -> str:
     return (
         f"Held-out loss after the last step, mean ± std over seeds {', '.join(map(str, seeds))} (model initialisation "
         "and batch order), each optimizer at its learning rate in parentheses: the best of its grid on seed "
-        f"{seeds[0]} (AdamW, anchors; † at the edge of the grid), the script's rule `psgd_lr(task)` for PSGD. Every "
-        "optimizer shares the warm-up + cosine schedule, the steps and the batches of a seed. Bold: the row's best."
+        f"{seeds[0]} (AdamW, anchors; † at the edge of the grid), the script's rule for PSGD ({lr_rule}). "
+        "Every optimizer shares the warm-up + cosine schedule, the steps and the batches of a seed. Bold: the row's "
+        "best."
     )
 
 
@@ -224,7 +225,7 @@ def render(results: Sequence[TaskResult], suite: Suite, wall_seconds: float, thr
     failures = [f"- {line}" for line in suite.failures]
     sections = [
         "# Quality suite: held-out loss of PSGD at its defaults against tuned AdamW and the PSGD anchors",
-        intro(suite.seeds),
+        intro(suite.seeds, suite.lr_rule),
         results_table(results, suite.label),
         "\n".join(summary_lines(results, suite.label, wall_seconds)),
         "## Other held-out metrics\n\n" + (metrics_table(results) or "none"),

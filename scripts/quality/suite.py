@@ -4,7 +4,7 @@ on every seed.
 Selection rule (the same for every optimizer and for the report): each learning rate of the optimizer's grid
 runs on the first seed; the one with the lowest held-out loss (a diverged run counts as infinite) is the
 optimizer's learning rate on that task, and runs on the other seeds. PSGD's grid is the single learning rate of
-the script's rule, so it runs on every seed without a sweep.
+the script's rule (which may read AdamW's chosen rate), so it runs on every seed without a sweep.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from .runner import train
 from .tasks import Task
 
 Fetch = Callable[[float, int], Record | None]
+#: PSGD's learning-rate rule: the task and AdamW's tuned learning rate (``None`` if unknown) to PSGD's rate
+# (``None``: the rule cannot say without AdamW's)
+LearningRateRule = Callable[[Task, float | None], float | None]
 
 
 @contextlib.contextmanager
@@ -109,11 +112,12 @@ class Suite:
 
     cache: ResultCache
     seeds: list[int]
-    psgd_lr: Callable[[Task], float]
+    psgd_lr: LearningRateRule
     psgd_options: dict[str, Any]
     label: str
     may_run: Collection[str]
     rerun: Collection[str] = ()
+    lr_rule: str = "PSGD's learning rate by the script's rule"  # the rule in words, for the report
     failures: list[str] = field(default_factory=list)
     _problems: dict[str, Problem] = field(default_factory=dict)
     _fresh: set[str] = field(default_factory=set)
@@ -121,18 +125,25 @@ class Suite:
     def psgd(self, task: Task) -> OptimizerSpec:
         return psgd_spec({**task.psgd_options, **self.psgd_options})
 
-    def plan(self, task: Task) -> list[tuple[OptimizerSpec, tuple[float, ...]]]:
-        """Every optimizer of the task with its learning-rate grid."""
+    def plan(self, task: Task, adamw_lr: float | None = None) -> list[tuple[OptimizerSpec, tuple[float, ...]]]:
+        """Every optimizer of the task with its learning-rate grid (PSGD's from the rule, given AdamW's rate; empty
+        when the rule needs AdamW's rate and it is unknown)."""
         anchors = [(spec, task.anchor_lrs) for spec in anchor_specs()]
-        return [(ADAMW, task.adamw_lrs), (self.psgd(task), (self.psgd_lr(task),)), *anchors]
+        psgd_lr = self.psgd_lr(task, adamw_lr)
+        return [(ADAMW, task.adamw_lrs), (self.psgd(task), () if psgd_lr is None else (psgd_lr,)), *anchors]
 
     def entries(self, task: Task) -> list[Entry]:
-        """The task's entries, in table order, training what is missing where allowed."""
-        found = []
+        """The task's entries, in table order, training what is missing where allowed (AdamW first: PSGD's
+        learning-rate rule may read its tuned rate)."""
+        found: list[Entry] = []
         for spec, grid in self.plan(task):
+            if spec.name == "psgd":
+                grid = self.plan(task, found[0].lr)[1][1]
             entry = collect(spec.name, grid, self.seeds, self._fetcher(task, spec))
             if not spec.installed():
                 entry.skipped = f"{spec.distribution} is not installed"
+            elif not grid:
+                entry.skipped = f"psgd on {task.name}: its learning-rate rule needs AdamW's tuned rate; run adamw first"
             found.append(entry)
         return found
 

@@ -163,5 +163,11 @@ TASKS = (
         steps=3000, batch=64, adamw_lrs=(1e-3, 3e-3, 1e-2, 3e-2), anchor_lrs=(3e-3, 1e-2, 3e-2), build=friedman,
     ),
 )  # fmt: skip
+#: the tasks that PSGD's exact-H v mode (Newton-type steps) is judged on: two of the above with curvature=hvp
+TASKS += tuple(
+    replace(task, name=f"{task.name}-hvp", kind=f"{task.kind}, exact H v", psgd_options={"curvature": "hvp"})
+    for task in TASKS
+    if task.name in ("digits-lenet", "friedman-mlp")
+)
 
 TASKS_BY_NAME = {task.name: task for task in TASKS}
