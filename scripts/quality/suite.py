@@ -125,12 +125,16 @@ class Suite:
     def psgd(self, task: Task) -> OptimizerSpec:
         return psgd_spec({**task.psgd_options, **self.psgd_options})
 
+    def psgd_grid(self, task: Task, adamw_lr: float | None) -> tuple[float, ...]:
+        """PSGD's one learning rate from the rule, given AdamW's tuned rate; empty when the rule needs that rate
+        and it is unknown."""
+        lr = self.psgd_lr(task, adamw_lr)
+        return () if lr is None else (lr,)
+
     def plan(self, task: Task, adamw_lr: float | None = None) -> list[tuple[OptimizerSpec, tuple[float, ...]]]:
-        """Every optimizer of the task with its learning-rate grid (PSGD's from the rule, given AdamW's rate; empty
-        when the rule needs AdamW's rate and it is unknown)."""
+        """Every optimizer of the task with its learning-rate grid."""
         anchors = [(spec, task.anchor_lrs) for spec in anchor_specs()]
-        psgd_lr = self.psgd_lr(task, adamw_lr)
-        return [(ADAMW, task.adamw_lrs), (self.psgd(task), () if psgd_lr is None else (psgd_lr,)), *anchors]
+        return [(ADAMW, task.adamw_lrs), (self.psgd(task), self.psgd_grid(task, adamw_lr)), *anchors]
 
     def entries(self, task: Task) -> list[Entry]:
         """The task's entries, in table order, training what is missing where allowed (AdamW first: PSGD's
@@ -138,7 +142,7 @@ class Suite:
         found: list[Entry] = []
         for spec, grid in self.plan(task):
             if spec.name == "psgd":
-                grid = self.plan(task, found[0].lr)[1][1]
+                grid = self.psgd_grid(task, found[0].lr)
             entry = collect(spec.name, grid, self.seeds, self._fetcher(task, spec))
             if not spec.installed():
                 entry.skipped = f"{spec.distribution} is not installed"

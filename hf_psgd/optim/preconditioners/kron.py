@@ -211,15 +211,17 @@ class Kron(Preconditioner):
         Q0.5EQ1.5 (``B = v``), ``Q_i^{-T} Q_i^{-1} prod_{j!=i} |Q_j^{-1}|_F^2`` for EQ."""
         if v is not None:
             b = v.reshape(shape).to(factors[0].dtype)
-            for dim, q in enumerate([] if symmetric else factors):
-                b = solve_transpose_along(b, q, dim)
+            if not symmetric:
+                for dim, q in enumerate(factors):
+                    b = solve_transpose_along(b, q, dim)
             return [gram_along(b, dim, q.ndim == 1) for dim, q in enumerate(factors)], [None] * len(factors)
         if not symmetric:
             inverse_grams = [cls._inverse_gram(q) for q in factors]
             return cls._kron_expectation_terms(inverse_grams), cls._damping_terms(factors, inverse_grams, damping)
-        numel = shape.numel()
-        identities = [torch.ones_like(q) if q.ndim == 1 else torch.eye(q.shape[0], dtype=q.dtype) for q in factors]
-        terms_b = [identity.to(q.device).mul_(numel / q.shape[0]) for identity, q in zip(identities, factors)]
+        identities = [
+            torch.ones_like(q) if q.ndim == 1 else torch.eye(len(q), dtype=q.dtype, device=q.device) for q in factors
+        ]
+        terms_b = [identity.mul_(shape.numel() / len(q)) for identity, q in zip(identities, factors)]
         if damping == 0:
             return terms_b, [None] * len(factors)
         squares = [p.square() if p.ndim == 1 else p @ p.mT for p in applied]
