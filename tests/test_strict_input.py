@@ -149,7 +149,9 @@ def test_load_state_dict_checks_shapes_families_and_finiteness(family: str) -> N
 
     counters = {i: {k: s[k] for k in ("step", "skipped_steps", "update_credit")} for i, s in saved["state"].items()}
     partial = PSGD(nn.Sequential(nn.Linear(4, 3)).parameters(), preconditioner=family)
-    partial.load_state_dict({**saved, "state": counters})  # what a non-owner keeps under sharding
+    with pytest.raises(ValueError) as error:  # what a non-owner keeps under sharding: not enough for an owner
+        partial.load_state_dict({**saved, "state": counters})
+    assert "holds only update counters" in _one_line(error)
 
 
 def test_a_refused_initialisation_leaves_no_half_made_state() -> None:

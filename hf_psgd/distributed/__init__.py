@@ -6,11 +6,13 @@ exchanges the owners' updates through it. A single process needs none of this.
 """
 
 from .collectives import all_reduce_mean_, end_multiprocess_run, is_multiprocess
+from .fsdp2 import FullyShardedOwners
 from .ownership import assign_owners
 from .sharding import DataParallelOwners
 
 __all__ = [
     "DataParallelOwners",
+    "FullyShardedOwners",
     "all_reduce_mean_",
     "assign_owners",
     "end_multiprocess_run",

@@ -10,12 +10,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean_", "end_multiprocess_run", "is_multiprocess"]
+__all__ = ["all_reduce_mean_", "end_multiprocess_run", "group_device", "is_multiprocess"]
 
 
 def is_multiprocess(group: dist.ProcessGroup | None = None) -> bool:
     """Whether a ``torch.distributed`` process group with more than one process is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def group_device(group: dist.ProcessGroup | None) -> torch.device:
+    """The device a collective of ``group`` runs on: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_mean_(tensors: Iterable[Tensor], group: dist.ProcessGroup | None = None) -> None:

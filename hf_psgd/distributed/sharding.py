@@ -20,7 +20,7 @@ from torch import Tensor
 from ..optim.blocks import BlockPlan
 from ..optim.checkpoint import copy_to_device
 from ..optim.distribution import Distribution
-from .collectives import all_reduce_mean_
+from .collectives import all_reduce_mean_, group_device
 from .ownership import assign_owners
 
 __all__ = ["DataParallelOwners"]
@@ -74,10 +74,12 @@ class DataParallelOwners(Distribution):
         mine = {i: updates[plan.key] for i, plan in enumerate(plans) if plan.key in updates}
         numels = [plan.shape.numel() for plan in plans]
         shared = self.exchange_flat(numels, [self.owners[plan.key] for plan in plans], mine)
-        return {plan.key: u.view(plan.shape) for plan, u in zip(plans, shared)}
+        return {
+            p: u for plan, flat in zip(plans, shared) for p, u in zip(plan.params, plan.scatter(flat.view(plan.shape)))
+        }
 
-    def agree_finite(self, finite: bool) -> bool:
-        flag = torch.tensor([float(finite)], device=_group_device(self.group))
+    def agree(self, flag: bool) -> bool:
+        flag = torch.tensor([float(flag)], device=group_device(self.group))
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
@@ -97,10 +99,10 @@ class DataParallelOwners(Distribution):
         mine = copy_to_device(mine, torch.device("cpu"))
         return {"state": self.gather_states(mine), "param_groups": local["param_groups"]}
 
-    def state_dict(self, local: dict[str, Any], gathered: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def state_dict(self, local: dict[str, Any], gather: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if not any(local["state"].values()):  # nothing sharded yet (Accelerate's prepare)
             return local
-        return {"state": gathered()["state"], "param_groups": local["param_groups"]}
+        return {"state": gather()["state"], "param_groups": local["param_groups"]}
 
     def keep_loaded(self, owned: bool, value: dict[str, Any]) -> dict[str, Any]:
         return value if owned else {key: value[key] for key in (*SCHEDULE_COUNTERS, "block") if key in value}
@@ -114,7 +116,7 @@ class DataParallelOwners(Distribution):
         for numel, owner in zip(numels, owners):
             sizes[owner] += numel
         width = max(sizes)
-        device = next(iter(mine.values())).device if mine else _group_device(self.group)
+        device = next(iter(mine.values())).device if mine else group_device(self.group)
         send = torch.zeros(width, dtype=self.communication_dtype, device=device)
         offset = 0
         for index in sorted(mine):
@@ -140,10 +142,3 @@ class DataParallelOwners(Distribution):
         for states in everyone:
             merged.update(states or {})
         return dict(sorted(merged.items()))
-
-
-def _group_device(group: dist.ProcessGroup | None) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -205,11 +205,36 @@ class PSGDArgumentsMixin:
             curvature = kwargs.get("curvature", PSGD.option_specs()["curvature"][0])
             self.learning_rate = default_learning_rate(curvature)
             logger.info("learning_rate not given: %g, PSGD's default for curvature=%s", self.learning_rate, curvature)
+        if self.deepspeed:
+            raise ValueError(
+                f"optim={name!r} does not run under DeepSpeed (deepspeed={self.deepspeed!r}): ZeRO hands the "
+                "optimizer flattened partitions, which PSGD's preconditioners cannot use; use FSDP2 (fsdp with "
+                "fsdp_config version 2) or DDP"
+            )
         self.optim = _BUILTIN_STAND_IN
         try:
             super().__post_init__()
         finally:
             self.optim = name
+        self._refuse_unsupported_fsdp(kwargs.get("curvature", PSGD.option_specs()["curvature"][0]))
+
+    def _refuse_unsupported_fsdp(self, curvature: str) -> None:
+        """FSDP1 (flat parameters) and ``H v`` under FSDP2, refused before the model is touched, in one
+        line that says what works."""
+        if not self.fsdp:
+            return
+        version = int((self.fsdp_config or {}).get("version", 2))
+        if version != 2:
+            raise ValueError(
+                f"optim={self.optim!r} with fsdp_config version={version}: FSDP1 flattens the parameters, which "
+                "PSGD's preconditioners cannot use; use version 2 (FSDP2) or DDP"
+            )
+        if curvature != "whiten":
+            raise ValueError(
+                f"optim_args curvature={curvature} is not supported with fsdp: H v needs gradients with respect to "
+                "the whole parameters, which FSDP2 gathers only inside forward and backward; use curvature=whiten "
+                "under fsdp, or DDP"
+            )
 
 
 def _base_default(cls: type, name: str) -> Any:

@@ -37,6 +37,16 @@ from .hvp_backward import HVPBackward, check_twice_differentiable
 __all__ = ["PSGDTrainer", "PSGDTrainerMixin"]
 
 
+def saves_sharded(fsdp_plugin: Any) -> bool:
+    """Whether Accelerate's FSDP plugin (``None`` without FSDP) saves optimizer state sharded, each
+    process its own part (``SHARDED_STATE_DICT``)."""
+    if fsdp_plugin is None:
+        return False
+    from torch.distributed.fsdp import StateDictType
+
+    return fsdp_plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+
+
 def unwrap_psgd(optimizer: Any) -> PSGD | None:
     """The PSGD inside Accelerate's (or another) optimizer wrapper, if any."""
     while optimizer is not None and not isinstance(optimizer, PSGD):
@@ -84,10 +94,14 @@ class PSGDTrainerMixin:
         return loss
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Gather sharded preconditioner state first: Trainer calls this on every process but
-        ``optimizer.state_dict()`` on the main one only (see ``PSGD.consolidate_state_dict``)."""
+        """Gather sharded preconditioner state first where one process saves it all (Trainer calls this
+        on every process but ``optimizer.state_dict()`` on the main one only, and FSDP's
+        ``FULL_STATE_DICT`` saves the main process's); FSDP's ``SHARDED_STATE_DICT`` saves every
+        process's own blocks through ``torch.distributed.checkpoint`` instead (see
+        ``PSGD.consolidate_state_dict``)."""
         optimizer = unwrap_psgd(getattr(self, "optimizer", None))
-        if optimizer is not None:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if optimizer is not None and not saves_sharded(plugin):
             optimizer.consolidate_state_dict()
         super()._save_optimizer_and_scheduler(output_dir)
 

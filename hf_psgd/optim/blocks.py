@@ -57,6 +57,7 @@ class BlockPlan:
         if group["momentum"] > 0:
             state["momentum"] = torch.zeros(self.shape, dtype=first.dtype, device=first.device)
         state["precond_updates"] = 0
+        state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=first.device)
         state["scale_pending"] = group["precond_init_scale"] is None
         if group["precond_init_scale"] is not None:
             self.family.set_scale(state, torch.tensor(float(group["precond_init_scale"]), device=first.device))
@@ -71,7 +72,8 @@ class BlockPlan:
         """The block-shaped view of per-parameter tensors (zeros where one is missing)."""
         if len(self.params) == 1:
             return tensors[self.params[0]]
-        return torch.cat([tensors[p].reshape(-1) if p in tensors else p.new_zeros(p.numel()) for p in self.params])
+        zeros = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for p in self.params if p not in tensors]
+        return torch.cat([tensors[p].reshape(-1) if p in tensors else zeros.pop(0) for p in self.params])
 
     def scatter(self, flat: Tensor) -> list[Tensor]:
         """A block-shaped tensor split back into per-parameter views."""

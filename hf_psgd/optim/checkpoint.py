@@ -40,11 +40,19 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def check_loaded_state(plan: BlockPlan, state: Mapping[str, Any], index: int) -> None:
+def check_loaded_state(plan: BlockPlan, state: Mapping[str, Any], index: int, owned: bool) -> None:
     """Refuse, in one line, a block's loaded state (parameter ``index`` in ``state_dict`` order) that
     another family or another shape of block made, or with a value that is not finite. A state of
-    counters only (what a process keeps of blocks it does not own under sharding) passes."""
+    counters only (what a process keeps of blocks it does not own under sharding) passes, unless this
+    process owns the block and it has taken steps: its preconditioner is missing from the checkpoint."""
     where = f"load_state_dict: state of parameter {index}"
+    if owned and "precond_updates" not in state and state.get("step", 0) > 0:
+        raise ValueError(
+            f"{where} holds only update counters: the checkpoint was saved by a process that did not own this "
+            "block, so its preconditioner and momentum are missing (under FSDP2 save through "
+            "torch.distributed.checkpoint, e.g. Accelerate's SHARDED_STATE_DICT, or call "
+            "optimizer.consolidate_state_dict() on every process before a full state_dict())"
+        )
     keys = plan.family.state_keys
     present = [key for key in keys if key in state]
     if present and len(present) < len(keys) or not present and "precond_updates" in state:

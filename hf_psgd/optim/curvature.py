@@ -55,6 +55,11 @@ class ProbeSource:
         for p in params:
             self.index.setdefault(p, len(self.index))
 
+    def reindex(self, params: Sequence[Tensor]) -> None:
+        """Index new parameter objects that took the places of the old ones (in the same order)."""
+        self.index.clear()
+        self.add(params)
+
     def draw(self, param: Tensor, seed: int, step: int, dtype: torch.dtype) -> Tensor:
         generator = self._generators.get(param.device)
         if generator is None:

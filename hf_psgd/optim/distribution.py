@@ -2,9 +2,11 @@
 
 The optimizer shell asks its strategy which blocks this process owns (only the owner keeps a
 block's preconditioner and momentum and computes its update), to average what PSGD computes itself
-(gradients of a closure, ``H v``), to agree on skipping a step, to share the owners' updates, and
-to gather and scatter state for checkpoints. A single process owns everything and communicates
-nothing; :mod:`hf_psgd.distributed` implements the multi-process strategies.
+(gradients of a closure, ``H v``), to agree on a decision (skip a step), to bring the owners whole
+gradients and share their updates, and to gather and scatter state for checkpoints. A single
+process owns everything and communicates nothing; :mod:`hf_psgd.distributed` implements the
+multi-process strategies: data parallelism (whole parameters on every process) and FSDP2
+(parameters sharded on dim 0).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .blocks import BlockPlan
 from .validation import DTYPES, check, dtype_name
 
-__all__ = ["Distribution", "reject_sharded_parameters", "resolve_distribution"]
+__all__ = ["Distribution", "resolve_distribution"]
 
 
 class Distribution:
@@ -26,6 +29,8 @@ class Distribution:
 
     rank = 0
     world_size = 1
+    #: whether the strategy takes parameters sharded as ``DTensor`` (FSDP2)
+    sharded_parameters = False
 
     def assign(self, plans: Sequence[BlockPlan]) -> None:
         """Give every block not seen before an owner (an assigned block never moves)."""
@@ -34,25 +39,39 @@ class Distribution:
         """Whether this process keeps the block's preconditioner and computes its update."""
         return True
 
+    def local(self, tensor: Tensor) -> Tensor:
+        """What this process holds of a parameter or gradient (its shard of a sharded one)."""
+        return tensor
+
     def average_(self, tensors: Iterable[Tensor]) -> None:
         """Average over the processes, in place, what PSGD computed itself (closure gradients, ``H v``)."""
 
-    def exchange(self, plans: Sequence[BlockPlan], updates: Mapping[Tensor, Tensor]) -> Mapping[Tensor, Tensor]:
-        """Every block's update (keyed by ``plan.key``) on every process, from the owners' ``updates``."""
-        return updates
+    def agree(self, flag: bool) -> bool:
+        """Whether every process says ``flag`` (all skip a step together, before any state changes)."""
+        return flag
 
-    def agree_finite(self, finite: bool) -> bool:
-        """Whether every process found its step finite (all skip together, before any state changes)."""
-        return finite
+    def buckets(self, plans: Sequence[BlockPlan]) -> list[list[BlockPlan]]:
+        """The step's blocks in the groups whose updates are computed and exchanged together (one
+        group here; several bound the memory of whole gradients under FSDP2)."""
+        return [list(plans)]
+
+    def gather_gradients(self, plans: Sequence[BlockPlan], grads: Mapping[Tensor, Tensor]) -> Mapping[Tensor, Tensor]:
+        """The whole gradient of every parameter of the blocks this process owns, from ``grads``."""
+        return grads
+
+    def exchange(self, plans: Sequence[BlockPlan], updates: Mapping[Tensor, Tensor]) -> Mapping[Tensor, Tensor]:
+        """The update of what this process holds of every parameter of ``plans`` (keyed by parameter),
+        from the owners' block-shaped ``updates`` (keyed by ``plan.key``)."""
+        return {p: u for plan in plans for p, u in zip(plan.params, plan.scatter(updates[plan.key]))}
 
     def gather_state(self, local: dict[str, Any], owned: set[int]) -> dict[str, Any]:
         """Every owner's state (a collective), from this process's ``Optimizer.state_dict()`` and
         the indices of the parameters that key the blocks it owns."""
         return local
 
-    def state_dict(self, local: dict[str, Any], gathered: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """The world-size independent state: ``local`` here; elsewhere the owners' states, from
-        ``gathered()`` (the last :meth:`gather_state` of this step, or a new one)."""
+    def state_dict(self, local: dict[str, Any], gather: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """What ``state_dict()`` returns: ``local`` here; the owners' states from ``gather()`` where
+        the result must be the same at every world size."""
         return local
 
     def keep_loaded(self, owned: bool, value: dict[str, Any]) -> dict[str, Any]:
@@ -60,10 +79,25 @@ class Distribution:
         return value
 
 
-def resolve_distribution(shard: Any, communication_dtype: Any, params: Sequence[Tensor]) -> Distribution:
-    """The strategy for ``PSGD(shard_preconditioners=..., communication_dtype=...)``."""
+def resolve_distribution(shard: Any, communication_dtype: Any, groups: Sequence[Mapping[str, Any]]) -> Distribution:
+    """The strategy for ``PSGD(shard_preconditioners=..., communication_dtype=...)`` over the param
+    groups' current parameters: FSDP2 owners for ``DTensor`` parameters, data-parallel owners in a
+    multi-process job, else the single process. Refuses, in one line, what no strategy supports."""
     check("shard_preconditioners", shard, shard in (None, True, False), "None (automatic), True or False")
     name = dtype_name(communication_dtype, "communication_dtype")
+    params = [p for group in groups for p in group["params"]]
+    default = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    dtype = DTYPES[name] if name else default
+    _reject_flattened_parameters(params)
+    if any(isinstance(p, DTensor) for p in params):
+        if shard is False:
+            raise ValueError(
+                "shard_preconditioners=False is invalid with FSDP2 (DTensor) parameters: each preconditioner needs "
+                "its whole tensor, which only its owner rank gathers; expected None (automatic) or True"
+            )
+        from ..distributed import FullyShardedOwners  # the layer above; imported only when sharding
+
+        return FullyShardedOwners.for_groups(groups, dtype)
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if shard is None:
         shard = initialised and torch.distributed.get_world_size() > 1
@@ -74,23 +108,21 @@ def resolve_distribution(shard: Any, communication_dtype: Any, params: Sequence[
         )
     if not shard:
         return Distribution()
-    from ..distributed import DataParallelOwners  # the layer above; imported only when sharding
+    from ..distributed import DataParallelOwners
 
-    default = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return DataParallelOwners(None, DTYPES[name] if name else default)
+    return DataParallelOwners(None, dtype)
 
 
-def reject_sharded_parameters(params: Iterable[Tensor]) -> None:
-    """Raise ``ValueError`` for parameters sharded by FSDP (``DTensor`` of FSDP2, flat parameters of
-    FSDP1): Kronecker factors and whole-vector preconditioners need whole tensors, and fitting them
-    to shards would be silently wrong."""
-    from torch.distributed.tensor import DTensor
-
+def _reject_flattened_parameters(params: Iterable[Tensor]) -> None:
+    """Raise ``ValueError`` for parameters flattened into partitions (FSDP1's flat parameters,
+    DeepSpeed ZeRO-3's partitions): Kronecker factors and whole-vector preconditioners need the
+    tensors' shapes, and fitting them to flat partitions would be silently wrong."""
     for param in params:
-        if isinstance(param, DTensor) or getattr(param, "_fsdp_flattened", False):
-            kind = "a DTensor (FSDP2 / tensor parallel)" if isinstance(param, DTensor) else "flattened by FSDP"
+        kind = "flattened by FSDP" if getattr(param, "_fsdp_flattened", False) else None
+        kind = kind or ("partitioned by DeepSpeed ZeRO" if hasattr(param, "ds_id") else None)
+        if kind:
             raise ValueError(
-                f"PSGD got a parameter that is {kind}: its preconditioners need whole tensors. Train with DDP "
-                "instead (accelerate launch --multi_gpu, torchrun, or Trainer without fsdp): PSGD then shards its "
-                "preconditioner state over the processes itself (shard_preconditioners), like ZeRO-1."
+                f"PSGD got a parameter that is {kind}: its preconditioners need whole tensors. Train with FSDP2 "
+                "(fully_shard, Accelerate fsdp_version: 2) or DDP (accelerate launch --multi_gpu, torchrun): PSGD then "
+                "gives every preconditioner one owner process itself (shard_preconditioners)."
             )

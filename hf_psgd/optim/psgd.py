@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .blocks import BlockPlan, block_statistics, plan_blocks, work_dtype
 from .checkpoint import check_loaded_state, copy_to_device
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
-from .distribution import reject_sharded_parameters, resolve_distribution
+from .distribution import resolve_distribution
 from .fitting import fit_preconditioner
 from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
@@ -70,7 +71,8 @@ class PSGD(Optimizer):
         precond_dtype: preconditioner storage dtype (``None``: float32, float64 for float64 parameters).
         seed: seed of the probe vectors (a pure function of seed, parameter index and step).
         shard_preconditioners: in a multi-process job, give every block one owner rank that alone
-            keeps its state and computes its update (``None``: when more than one process runs).
+            keeps its state and computes its update (``None``: when more than one process runs, or
+            the parameters are FSDP2 shards, where it cannot be ``False``).
         communication_dtype: dtype of the updates exchanged under sharding.
         **family_options: the families' own options (``max_dense_size`` and ``max_skew`` of Kron,
             ``rank`` of LRA, ...): the fields of their ``options`` dataclasses.
@@ -78,8 +80,10 @@ class PSGD(Optimizer):
     Curvature ``"hvp"`` takes ``H v`` from ``step(closure)`` (PSGD differentiates the loss), from
     gradients that carry a graph (``backward(create_graph=True)`` when
     :meth:`will_update_preconditioner` is true), or from :meth:`accumulate_hvp` for the probes of
-    :meth:`hvp_probes`. Under sharding ``state_dict()`` is a collective that every process calls
-    (Accelerate's ``save_state`` does); its result is the same at any world size.
+    :meth:`hvp_probes`. Under data-parallel sharding ``state_dict()`` is a collective that every
+    process calls (Accelerate's ``save_state`` does); its result is the same at any world size. Under
+    FSDP2 it holds the process's own blocks, for ``torch.distributed.checkpoint``. A ``step()`` with lr
+    0 and zero gradients (``torch.distributed.checkpoint``'s state initialisation) only creates state.
     """
 
     def __init__(
@@ -113,8 +117,8 @@ class PSGD(Optimizer):
         self._warned_nonfinite = False
         self._gathered: dict[str, Any] | None = None
         super().__init__(params, defaults)
-        all_params = [p for group in self.param_groups for p in group["params"]]
-        self._distribution = resolve_distribution(shard_preconditioners, communication_dtype, all_params)
+        self._sharding = (shard_preconditioners, communication_dtype)
+        self._distribution = resolve_distribution(shard_preconditioners, communication_dtype, self.param_groups)
 
     @classmethod
     def option_specs(cls) -> dict[str, tuple[Any, str]]:
@@ -126,7 +130,6 @@ class PSGD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_group(group)
-        reject_sharded_parameters(group["params"])
         self._probes.add(group["params"])
 
     # ----------------------------------------------------------------------------- plans and state
@@ -134,12 +137,20 @@ class PSGD(Optimizer):
     def _plans(self) -> list[BlockPlan]:
         """This step's blocks, each with an owner and the decision whether it fits ``Q``."""
         plans = plan_blocks(self.param_groups, self.state)
+        if plans and isinstance(plans[0].key, DTensor) != self._distribution.sharded_parameters:
+            self._adopt_parameters()
         self._distribution.assign(plans)
         for plan in plans:
             state = self.state.get(plan.key)  # credit: fit when it reaches 1 (.schedules)
             credit = state and state["update_credit"] + update_probability(plan.schedule, state["step"])
             plan.fits = not state or credit >= 1.0 - 1e-9
         return plans
+
+    def _adopt_parameters(self) -> None:
+        """Take parameter objects swapped into ``param_groups`` before the first step (Accelerate puts
+        FSDP2's ``DTensor`` parameters there in ``prepare``): a new strategy, probes indexed anew."""
+        self._distribution = resolve_distribution(*self._sharding, self.param_groups)
+        self._probes.reindex([p for group in self.param_groups for p in group["params"]])
 
     def _init_state(self, plan: BlockPlan) -> dict[str, Any]:
         """The block's state, created on first use (the preconditioner only on its owner)."""
@@ -194,6 +205,10 @@ class PSGD(Optimizer):
 
         plans = [plan for plan in plans if any(p.grad is not None for p in plan.params)]
         grads = {p: p.grad for plan in plans for p in plan.params if p.grad is not None}
+        if self._initialises_state(closure, grads):
+            for plan in plans:
+                self._init_state(plan)
+            return loss
         handed = self._handed_hvp.take()
         probes = {
             p: (plan.group["curvature"], self._probe(p, plan.group, self._probe_step(plan)))
@@ -206,23 +221,38 @@ class PSGD(Optimizer):
         graph_grads.clear()
         self._distribution.average_([products[p] for p, (c, _) in probes.items() if c == "fd" or p not in handed])
 
-        if not self._distribution.agree_finite(all_finite(list(grads.values()) + list(products.values()))):
+        local = self._distribution.local
+        if not self._distribution.agree(all_finite([local(t) for t in (*grads.values(), *products.values())])):
             self._skip(plans)
             return loss
+        for bucket in self._distribution.buckets(plans):
+            updates = self._distribution.exchange(bucket, self._guarded_updates(bucket, grads, products))
+            for group in self.param_groups:  # a parameter without gradient never moves
+                params = [p for plan in bucket if plan.group is group for p in plan.params if p in grads]
+                apply_updates_([(local(p), updates[p]) for p in params], group["lr"], group["weight_decay"])
+        return loss
+
+    def _guarded_updates(
+        self, plans: list[BlockPlan], grads: Mapping[Tensor, Tensor], products: Mapping[Tensor, Tensor]
+    ) -> dict[Tensor, Tensor]:
+        """The guarded update ``u = P m`` of every block this process owns, keyed by ``plan.key`` (the
+        whole gradients the owner gathers for it are freed on return)."""
+        whole_grads = self._distribution.gather_gradients(plans, grads)
         updates = {}
         for plan in plans:
-            update = self._block_update(plan, grads, products)
+            update = self._block_update(plan, whole_grads, products)
             if update is not None:
                 updates[plan.key] = update
         guarded = [plan for plan in plans if plan.key in updates and plan.group["max_update_rms"] is not None]
         clip_update_rms_([updates[plan.key] for plan in guarded], [plan.group["max_update_rms"] for plan in guarded])
-        updates = self._distribution.exchange(plans, updates)
-        for group in self.param_groups:
-            mine = [plan for plan in plans if plan.group is group]
-            pairs = [pair for plan in mine for pair in zip(plan.params, plan.scatter(updates[plan.key]))]
-            pairs = [(p, u) for p, u in pairs if p in grads]  # a parameter without gradient never moves
-            apply_updates_(pairs, group["lr"], group["weight_decay"])
-        return loss
+        return updates
+
+    def _initialises_state(self, closure: Callable[[], Tensor] | None, grads: Mapping[Tensor, Tensor]) -> bool:
+        """Whether this step is ``torch.distributed.checkpoint``'s state initialisation (``step()`` with
+        lr 0 and zero gradients, to get a state to load into): it creates the state and changes nothing."""
+        if closure is not None or any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        return self._distribution.agree(not any(bool(self._distribution.local(g).any()) for g in grads.values()))
 
     def _skip(self, plans: list[BlockPlan]) -> None:
         for plan in plans:
@@ -270,23 +300,29 @@ class PSGD(Optimizer):
 
     def consolidate_state_dict(self) -> None:
         """Gather every owner's state now (a collective under sharding: every process calls it), so
-        that :meth:`state_dict` on one process alone returns it until the next ``step()``."""
+        that :meth:`state_dict` returns all of it, on any one process, until the next ``step()``."""
         self._gathered = self._distribution.gather_state(super().state_dict(), self._owned_indices())
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state in the format of ``torch.optim``; the same at every world size. Under
-        sharding a collective (as Accelerate's ``save_state`` calls it, on every process) unless
-        :meth:`consolidate_state_dict` ran since the last step."""
+        """The optimizer state in the format of ``torch.optim``. Under data-parallel sharding the same
+        at every world size and a collective (as Accelerate's ``save_state`` calls it, on every process);
+        under FSDP2 this process's blocks and every block's counters (for
+        ``torch.distributed.checkpoint``, which saves each rank's part). After
+        :meth:`consolidate_state_dict`, every owner's state until the next ``step()``."""
         local = super().state_dict()
+        if self._gathered is not None:
+            return {"state": self._gathered["state"], "param_groups": local["param_groups"]}
         gather = self._distribution.gather_state
-        return self._distribution.state_dict(local, lambda: self._gathered or gather(local, self._owned_indices()))
+        return self._distribution.state_dict(local, lambda: gather(local, self._owned_indices()))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like ``Optimizer.load_state_dict`` but keeps every state tensor's saved dtype (the base
         class would round an fp32 preconditioner of a bf16 parameter), and refuses a state of other
         shapes or families or with non-finite values (:func:`.checkpoint.check_loaded_state`); options
         added since the save get their defaults. Takes a state saved at any world size (sharded: keeps its own)."""
-        saved_state = state_dict["state"]
+        saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
+        position = {key: i for i, key in enumerate(saved_ids)}  # ids, or FQNs from torch.distributed.checkpoint
+        saved_state = {position[key]: value for key, value in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": {}})
         fill_missing_options(self.param_groups, self.defaults)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -295,6 +331,6 @@ class PSGD(Optimizer):
         self._gathered = None
         for index, value in saved_state.items():
             if params[index] in plans:
-                check_loaded_state(plans[params[index]], value, index)
+                check_loaded_state(plans[params[index]], value, index, owned=index in owned)
             value = self._distribution.keep_loaded(index in owned, value)
             self.state[params[index]] = copy_to_device(value, params[index].device)

@@ -1,0 +1,172 @@
+"""Run under ``torchrun --nproc_per_node 2`` (gloo on CPU): PSGD on a model sharded by FSDP2
+(``fully_shard``) against one process on the same global batches.
+
+Every rank trains a small MLP (dims chosen so that some shards are uneven) for 20 steps with FSDP2
+and PSGD, and a plain copy on the whole batches with an unsharded PSGD. Configurations: Kron, Diag
+and LRA whitening in fp32, and Kron with a bf16 ``MixedPrecisionPolicy``. After 10 steps the Kron run
+saves through ``torch.distributed.checkpoint`` and the Diag run through Accelerate's
+``save_fsdp_optimizer``; the test resumes both in one process. Then every rank steps with a NaN
+gradient shard on rank 1 only (all must skip). Writes OUT/rank<r>.pt.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from hf_psgd import PSGD
+from hf_psgd.distributed import end_multiprocess_run
+
+STEPS, HALF = 20, 10
+OPTIONS = dict(lr=0.02, precond_update_prob=0.5)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 6, generator=generator), torch.randn(16, 3, generator=generator)) for _ in range(STEPS)]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x).float() - y).square().mean()
+
+
+def shard(model: nn.Module, policy: MixedPrecisionPolicy | None) -> nn.Module:
+    kwargs = {"mp_policy": policy} if policy else {}
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kwargs)
+    return fully_shard(model, **kwargs)
+
+
+def block_bytes(state: dict) -> int:
+    """Bytes of a block's state tensors (preconditioner and momentum; not the scalar counters)."""
+    values = [t for value in state.values() for t in (value if isinstance(value, list) else [value])]
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def run(preconditioner: str, policy: MixedPrecisionPolicy | None, out: Path, save: str | None) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reference = make_model()
+    reference_opt = PSGD(reference.parameters(), preconditioner=preconditioner, shard_preconditioners=False, **OPTIONS)
+    model = shard(make_model(), policy)
+    optimizer = PSGD(model.parameters(), preconditioner=preconditioner, **OPTIONS)
+    if preconditioner == "kron":  # the tiny model in several buckets, as a large one would be
+        optimizer._distribution.min_bucket_bytes = 1
+    sent = 0
+    for step, (x, y) in enumerate(batches()):
+        reference_opt.zero_grad()
+        loss_of(reference, x, y).backward()
+        reference_opt.step()
+        optimizer.zero_grad()
+        loss_of(model, x.chunk(world)[rank], y.chunk(world)[rank]).backward()
+        optimizer.step()
+        sent = max(sent, optimizer._distribution.last_sent_bytes)
+        if step + 1 == HALF and save == "dcp":
+            state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+            dcp.save(state, checkpoint_id=out / "dcp")
+        if step + 1 == HALF and save == "accelerate":
+            from accelerate import PartialState
+            from accelerate.utils import FullyShardedDataParallelPlugin, save_fsdp_optimizer
+
+            plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+            save_fsdp_optimizer(plugin, PartialState(), optimizer, model, out / "accelerate")
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=out / "accelerate_model")
+    one_process_blocks = [block_bytes(state) for state in reference_opt.state.values()]
+    return {
+        "params": {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()},
+        "one_process": {name: p.detach().clone() for name, p in reference.named_parameters()},
+        "state_bytes": sum(block_bytes(state) for state in optimizer.state.values()),
+        "one_process_state_bytes": sum(one_process_blocks),
+        "largest_block_bytes": max(one_process_blocks),
+        "sent_bytes": sent,
+        "shard_bytes": sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters()),
+        "owners": sorted(set(optimizer._distribution.owners.values())),
+    }
+
+
+def nan_on_one_rank() -> dict:
+    rank = dist.get_rank()
+    model = shard(make_model(), None)
+    optimizer = PSGD(model.parameters(), **OPTIONS)
+    x, y = batches()[0]
+    loss_of(model, x, y).backward()
+    optimizer.step()
+    before = {name: p.to_local().clone() for name, p in model.named_parameters()}
+    optimizer.zero_grad()
+    loss_of(model, x, y).backward()
+    if rank == 1:
+        next(model.parameters()).grad.to_local().fill_(float("nan"))
+    optimizer.step()
+    unchanged = all(torch.equal(p.to_local(), before[name]) for name, p in model.named_parameters())
+    return {"unchanged": unchanged, "skipped": [s["skipped_steps"] for s in optimizer.state.values()]}
+
+
+def resume(out: Path) -> dict:
+    """In one process: the Kron run from its DCP checkpoint, the Diag run from Accelerate's, each
+    trained on the last 10 batches; their final parameters."""
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer
+
+    finals = {}
+    for preconditioner, folder in (("kron", "dcp"), ("diag", "accelerate")):
+        model = shard(make_model(), None)
+        optimizer = PSGD(model.parameters(), preconditioner=preconditioner, **OPTIONS)
+        state = {"model": get_model_state_dict(model)}
+        if folder == "dcp":
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+            finals["initialised_steps"] = [s["step"] for s in optimizer.state.values()]
+        dcp.load(state, checkpoint_id=out / (folder if folder == "dcp" else "accelerate_model"))
+        set_model_state_dict(model, state["model"])
+        if folder == "dcp":
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        else:
+            plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+            load_fsdp_optimizer(plugin, PartialState(), optimizer, model, out / "accelerate")
+        for x, y in batches()[HALF:]:
+            optimizer.zero_grad()
+            loss_of(model, x, y).backward()
+            optimizer.step()
+        finals[preconditioner] = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+    return finals
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    if sys.argv[2:] == ["resume"]:
+        torch.save(resume(out), out / "resumed.pt")
+        end_multiprocess_run()
+    torch.manual_seed(0)
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    results = {
+        "world": dist.get_world_size(),
+        "kron": run("kron", None, out, "dcp"),
+        "diag": run("diag", None, out, "accelerate"),
+        "lra": run("lra", None, out, None),
+        "kron_bf16": run("kron", bf16, out, None),
+        "nan": nan_on_one_rank(),
+    }
+    torch.save(copy.deepcopy(results), out / f"rank{dist.get_rank()}.pt")
+    end_multiprocess_run()
+
+
+if __name__ == "__main__":
+    main()
