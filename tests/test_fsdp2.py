@@ -32,10 +32,11 @@ def _torchrun(processes: int, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_fsdp2_two_processes_match_one_resume_in_one_and_skip_together(tmp_path: Path) -> None:
+def test_fsdp2_two_processes_match_one_resume_across_world_sizes_and_skip_together(tmp_path: Path) -> None:
     script = str(LAUNCH / "fsdp2_training.py")
     _torchrun(2, script, str(tmp_path))
     _torchrun(1, script, str(tmp_path), "resume")
+    _torchrun(2, script, str(tmp_path), "resume")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert ranks[0]["world"] == 2
     for run, tolerance in (("kron", 1e-5), ("diag", 1e-5), ("lra", 1e-5), ("kron_bf16", 2e-2)):
@@ -51,10 +52,13 @@ def test_fsdp2_two_processes_match_one_resume_in_one_and_skip_together(tmp_path:
     assert ranks[0]["kron"]["owners"] == [0, 1]
     for rank in ranks:  # a NaN gradient shard on rank 1 only: every rank skipped, nothing moved
         assert rank["nan"]["unchanged"] and set(rank["nan"]["skipped"]) == {1}
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed_in_1_rank0.pt", weights_only=True)
     assert set(resumed["initialised_steps"]) == {0}  # DCP's initialisation step advanced nothing
     for run in ("kron", "diag"):  # saved by 2 processes (DCP; Accelerate's save_fsdp_optimizer), resumed by 1
         assert _relative_difference(resumed[run], ranks[0][run]["params"]) <= 1e-5, run
+    for rank in (0, 1):  # saved by 1 process, resumed by 2
+        two = torch.load(tmp_path / f"resumed_in_2_rank{rank}.pt", weights_only=True)
+        assert _relative_difference(two["kron"], ranks[0]["kron"]["params"]) <= 1e-5
 
 
 @pytest.mark.slow

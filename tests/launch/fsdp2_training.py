@@ -5,7 +5,8 @@ Every rank trains a small MLP (dims chosen so that some shards are uneven) for 2
 and PSGD, and a plain copy on the whole batches with an unsharded PSGD. Configurations: Kron, Diag
 and LRA whitening in fp32, and Kron with a bf16 ``MixedPrecisionPolicy``. After 10 steps the Kron run
 saves through ``torch.distributed.checkpoint`` and the Diag run through Accelerate's
-``save_fsdp_optimizer``; the test resumes both in one process. Then every rank steps with a NaN
+``save_fsdp_optimizer``; with the argument ``resume`` one process resumes both (and saves a Kron run
+of its own), two processes resume that one. Then every rank steps with a NaN
 gradient shard on rank 1 only (all must skip). Writes OUT/rank<r>.pt.
 """
 
@@ -119,40 +120,76 @@ def nan_on_one_rank() -> dict:
     return {"unchanged": unchanged, "skipped": [s["skipped_steps"] for s in optimizer.state.values()]}
 
 
-def resume(out: Path) -> dict:
-    """In one process: the Kron run from its DCP checkpoint, the Diag run from Accelerate's, each
-    trained on the last 10 batches; their final parameters."""
+def fit(model: nn.Module, optimizer: PSGD, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Train on the rank's part of every global batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for x, y in steps:
+        optimizer.zero_grad()
+        loss_of(model, x.chunk(world)[rank], y.chunk(world)[rank]).backward()
+        optimizer.step()
+
+
+def load_dcp(model: nn.Module, optimizer: PSGD, folder: Path) -> list[int]:
+    """Load model and optimizer from a DCP checkpoint; the step counters of the state DCP made to load into."""
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    initialised = [s["step"] for s in optimizer.state.values()]
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return initialised
+
+
+def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def resume_in_one(out: Path) -> dict:
+    """In one process: the Kron run from its 2-process DCP checkpoint, the Diag run from Accelerate's,
+    each trained on the last 10 batches; and Kron trained 10 steps and saved, for 2 processes to resume."""
     from accelerate import PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer
 
-    finals = {}
-    for preconditioner, folder in (("kron", "dcp"), ("diag", "accelerate")):
-        model = shard(make_model(), None)
-        optimizer = PSGD(model.parameters(), preconditioner=preconditioner, **OPTIONS)
-        state = {"model": get_model_state_dict(model)}
-        if folder == "dcp":
-            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-            finals["initialised_steps"] = [s["step"] for s in optimizer.state.values()]
-        dcp.load(state, checkpoint_id=out / (folder if folder == "dcp" else "accelerate_model"))
-        set_model_state_dict(model, state["model"])
-        if folder == "dcp":
-            set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        else:
-            plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
-            load_fsdp_optimizer(plugin, PartialState(), optimizer, model, out / "accelerate")
-        for x, y in batches()[HALF:]:
-            optimizer.zero_grad()
-            loss_of(model, x, y).backward()
-            optimizer.step()
-        finals[preconditioner] = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+    model = shard(make_model(), None)
+    optimizer = PSGD(model.parameters(), preconditioner="kron", **OPTIONS)
+    finals = {"initialised_steps": load_dcp(model, optimizer, out / "dcp")}
+    fit(model, optimizer, batches()[HALF:])
+    finals["kron"] = full_parameters(model)
+
+    model = shard(make_model(), None)
+    optimizer = PSGD(model.parameters(), preconditioner="diag", **OPTIONS)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=out / "accelerate_model")
+    set_model_state_dict(model, state["model"])
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    load_fsdp_optimizer(plugin, PartialState(), optimizer, model, out / "accelerate")
+    fit(model, optimizer, batches()[HALF:])
+    finals["diag"] = full_parameters(model)
+
+    model = shard(make_model(), None)
+    optimizer = PSGD(model.parameters(), preconditioner="kron", **OPTIONS)
+    fit(model, optimizer, batches()[:HALF])
+    dcp.save(
+        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+        checkpoint_id=out / "dcp_one",
+    )
     return finals
+
+
+def resume_in_two(out: Path) -> dict:
+    """In two processes: Kron from the 1-process DCP checkpoint, trained on the last 10 batches."""
+    model = shard(make_model(), None)
+    optimizer = PSGD(model.parameters(), preconditioner="kron", **OPTIONS)
+    load_dcp(model, optimizer, out / "dcp_one")
+    fit(model, optimizer, batches()[HALF:])
+    return {"kron": full_parameters(model)}
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     if sys.argv[2:] == ["resume"]:
-        torch.save(resume(out), out / "resumed.pt")
+        resumed = resume_in_one(out) if dist.get_world_size() == 1 else resume_in_two(out)
+        torch.save(resumed, out / f"resumed_in_{dist.get_world_size()}_rank{dist.get_rank()}.pt")
         end_multiprocess_run()
     torch.manual_seed(0)
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
