@@ -95,9 +95,10 @@ def test_kron_whitening_damping_bounds_null_directions(damping: float) -> None:
         assert null_rows.min() > 1.5 / 0.1
 
 
-def test_kron_inverse_gram_and_negligible_damping_terms() -> None:
-    """The probe term ``Q^{-T} Q^{-1}`` against an explicit inverse; a damping term is left out only
-    where it is below float rounding of the probe term's smallest eigenvalue."""
+def test_kron_inverse_gram_and_damping_terms() -> None:
+    """The probe term ``Q^{-T} Q^{-1}`` against an explicit inverse, and the whitening fit's probe and
+    damping terms (EQ) against their closed forms ``E[B_(i) B_(i)^T]`` and
+    ``damping^2 E[(Q v)_(i) (Q v)_(i)^T] = damping^2 Q_i Q_i^T prod_{j!=i} |Q_j|_F^2``."""
     gen = torch.Generator().manual_seed(0)
     left = torch.eye(5) + 0.3 * torch.randn(5, 5, generator=gen).triu()
     right = 0.5 + torch.rand(3, generator=gen)
@@ -106,23 +107,15 @@ def test_kron_inverse_gram_and_negligible_damping_terms() -> None:
         expected = inverse.mT @ inverse
         fitted = Kron._inverse_gram(q)
         torch.testing.assert_close(fitted if q.ndim == 2 else torch.diag(fitted), expected, rtol=1e-4, atol=1e-5)
-    left_out = []
-    for scale in (1.0, 1e3):
-        factors = [left * scale, right * scale]
-        inverse_grams = [Kron._inverse_gram(q) for q in factors]
-        terms_b = Kron._kron_expectation_terms(inverse_grams)
-        terms = Kron._damping_terms(factors, inverse_grams, 1e-9)
-        exact = Kron._kron_expectation_terms([q @ q.mT if q.ndim == 2 else q.square() for q in factors])
-        for term, exact_term, term_b in zip(terms, exact, terms_b):
-            exact_term = exact_term * 1e-18
-            if term is None:
-                left_out.append(scale)
-                smallest = torch.linalg.eigvalsh(term_b).min() if term_b.ndim == 2 else term_b.min()
-                largest = torch.linalg.matrix_norm(exact_term, 2) if term_b.ndim == 2 else exact_term.max()
-                assert largest <= torch.finfo(torch.float32).eps * smallest
-            else:
-                torch.testing.assert_close(term, exact_term)
-    assert left_out == [1.0, 1.0]
+    factors, damping = [left, right], 1e-3
+    terms_b, terms_damping = Kron._probe_terms(factors, factors, None, torch.Size([5, 3]), damping, symmetric=False)
+    grams = [q @ q.mT if q.ndim == 2 else q.square() for q in factors]
+    norms = [gram.trace() if gram.ndim == 2 else gram.sum() for gram in grams]
+    inverse_grams = [Kron._inverse_gram(q) for q in factors]
+    inverse_norms = [gram.trace() if gram.ndim == 2 else gram.sum() for gram in inverse_grams]
+    for i in range(2):
+        torch.testing.assert_close(terms_damping[i], damping**2 * grams[i] * norms[1 - i])
+        torch.testing.assert_close(terms_b[i], inverse_grams[i] * inverse_norms[1 - i])
 
 
 def test_diag_whitening_fits_inverse_rms() -> None:

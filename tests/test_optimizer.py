@@ -9,7 +9,6 @@ import torch
 from helpers import rosenbrock
 
 from hf_psgd import PSGD
-from hf_psgd.optim import linalg
 from hf_psgd.optim.preconditioners import kron
 from hf_psgd.optim.schedules import DEFAULT_UPDATE_SCHEDULE, update_probability
 
@@ -255,49 +254,6 @@ def test_statistics_report_fits_skips_probability_and_scale() -> None:
     assert figures["precond_scale_min"] == pytest.approx(min(kron_scale, diag_scale).item())
     assert figures["precond_scale_max"] == pytest.approx(max(kron_scale, diag_scale).item())
     assert figures["precond_scale_median"] == pytest.approx(min(kron_scale, diag_scale).item())  # lower middle
-
-
-@pytest.mark.parametrize("whiten_momentum", [False, True])
-def test_kron_skips_zero_embedding_rows_with_the_same_result(
-    monkeypatch: pytest.MonkeyPatch, whiten_momentum: bool
-) -> None:
-    """An embedding-like gradient (most vocabulary rows zero) takes the nonzero-rows path of Kron's
-    fit and preconditioning; parameters and state equal those of the whole-tensor path."""
-
-    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        weight = _param(200, 8)
-        opt = PSGD([weight], lr=0.05, curvature="whiten", whiten_momentum=whiten_momentum, precond_update_prob=1.0)
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            rows = torch.randint(0, 200, (12,), generator=generator)
-            grad = torch.zeros(200, 8)
-            grad[rows] = torch.randn(12, 8, generator=generator)
-            weight.grad = grad
-            opt.step()
-        return weight.detach(), opt.state[weight]["Q"]
-
-    assert linalg.nonzero_slices(torch.zeros(200, 8).index_fill_(0, torch.tensor([3, 7]), 1.0), 0).tolist() == [3, 7]
-    # the first look at 32 evenly spaced slices (every 6th of 200) decides "not sparse" when most are nonzero
-    every_sixth = torch.zeros(8, 200).index_fill_(1, torch.arange(0, 192, 6), 1.0)
-    assert linalg.nonzero_slices(every_sixth, 1) is None
-    beside_the_sample = torch.zeros(8, 200).index_fill_(1, torch.arange(1, 192, 6), 1.0)
-    assert linalg.nonzero_slices(beside_the_sample, 1).tolist() == list(range(1, 192, 6))
-    kept_counts = []
-
-    def spy(x: torch.Tensor, dim: int) -> torch.Tensor | None:
-        kept = linalg.nonzero_slices(x, dim)
-        kept_counts.append(None if kept is None else kept.numel())
-        return kept
-
-    monkeypatch.setattr(kron, "nonzero_slices", spy)
-    sparse_weight, sparse_q = run()
-    assert kept_counts and all(count is not None and count <= 48 for count in kept_counts)  # the path was taken
-    monkeypatch.setattr(linalg, "SPARSE_SLICE_FRACTION", -1.0)  # never sparse: the whole-tensor path
-    dense_weight, dense_q = run()
-    assert sparse_q[0].ndim == 1 and sparse_q[1].ndim == 2  # diagonal over the 200 rows, triangular over 8
-    torch.testing.assert_close(sparse_weight, dense_weight, rtol=1e-5, atol=1e-7)
-    for sparse, dense in zip(sparse_q, dense_q):
-        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)
 
 
 def test_kron_with_bf16_storage_applies_its_factors_in_bf16() -> None:

@@ -150,6 +150,9 @@ def test_state_lives_per_parameter_as_plain_data() -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["grad", "hvp"])
 def test_non_finite_gradient_or_hvp_skips_the_step_exactly(bad: float, where: str) -> None:
+    """A step with a non-finite gradient or H v is masked on the device: parameters, momentum,
+    preconditioners and the secant pair stay exactly as they were; the step counters move on,
+    ``skipped_steps`` and ``rejected_fits`` count it, and ``statistics()`` warns once."""
     torch.manual_seed(0)
     model = TinyTransformer()
     curvature = "hvp" if where == "hvp" else "whiten"
@@ -165,22 +168,27 @@ def test_non_finite_gradient_or_hvp_skips_the_step_exactly(bad: float, where: st
     params_before = [p.detach().clone() for p in model.parameters()]
     state_before = copy.deepcopy(opt.state_dict())
 
+    opt.zero_grad()
+    lm_loss(model, batch).backward(create_graph=where == "hvp")
+    if where == "grad":
+        model.proj.weight.grad[0, 0] = bad
+    else:
+        opt.accumulate_hvp({model.proj.weight: torch.full_like(model.proj.weight, bad)})
+    opt.step()
     with pytest.warns(RuntimeWarning, match="skipped a step"):
-        opt.zero_grad()
-        lm_loss(model, batch).backward(create_graph=where == "hvp")
-        if where == "grad":
-            model.proj.weight.grad[0, 0] = bad
-        else:
-            opt.accumulate_hvp({model.proj.weight: torch.full_like(model.proj.weight, bad)})
-        opt.step()
+        assert opt.statistics()["skipped_steps"] == 1
 
     for before, p in zip(params_before, model.parameters()):
         assert torch.equal(before, p)
     state_after = opt.state_dict()
+    fits = 2 if where == "hvp" else 1  # with secant pairs: the probe's fit and the secant pair's
+    counted = {"skipped_steps": 1, "rejected_fits": fits, "step": 1, "precond_updates": 1}
     for index, state in state_before["state"].items():
         after = state_after["state"][index]
-        assert after["skipped_steps"] == state["skipped_steps"] + 1
-        for a, b in zip(_all_state_tensors(state), _all_state_tensors(after)):
+        for key, added in counted.items():
+            assert after[key] == state[key] + added, key
+        kept = [key for key in state if key not in counted]
+        for a, b in zip(_all_state_tensors([state[k] for k in kept]), _all_state_tensors([after[k] for k in kept])):
             assert torch.equal(a, b)
 
     import warnings
@@ -191,6 +199,7 @@ def test_non_finite_gradient_or_hvp_skips_the_step_exactly(bad: float, where: st
         lm_loss(model, batch).backward(create_graph=where == "hvp")
         next(model.parameters()).grad.fill_(float("nan"))
         opt.step()
+        assert opt.statistics()["skipped_steps"] == 2
     good_step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

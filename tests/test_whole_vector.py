@@ -340,15 +340,18 @@ def test_non_finite_product_skips_the_block_step_exactly(preconditioner: str) ->
     y = torch.nn.Parameter(torch.tensor([0.3, 0.2], dtype=F64))
     opt = PSGD([x, y], lr=0.1, preconditioner=preconditioner, curvature="hvp", precond_update_prob=1.0)
     opt.step(lambda: rosenbrock(torch.cat([x, y])))
-    before = [t.clone() for t in (x.detach(), y.detach(), *opt.state[x].values()) if isinstance(t, torch.Tensor)]
+    counters = ("skipped_steps", "rejected_fits")
+    kept = [k for k, t in opt.state[x].items() if isinstance(t, torch.Tensor) and k not in counters]
+    before = [t.clone() for t in (x.detach(), y.detach(), *(opt.state[x][k] for k in kept))]
     opt.zero_grad()
     rosenbrock(torch.cat([x, y])).backward(create_graph=True)
     opt.accumulate_hvp({y: torch.full((2,), math.nan, dtype=F64)})
+    opt.step()
     with pytest.warns(RuntimeWarning, match="skipped a step"):
-        opt.step()
-    after = [t for t in (x.detach(), y.detach(), *opt.state[x].values()) if isinstance(t, torch.Tensor)]
+        opt.statistics()
+    after = [t for t in (x.detach(), y.detach(), *(opt.state[x][k] for k in kept))]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert opt.state[x]["skipped_steps"] == 1
+    assert opt.state[x]["skipped_steps"] == 1 and opt.state[x]["rejected_fits"] == 1
 
 
 def test_dense_refuses_groups_above_max_dense_size_and_says_how_to_raise_it() -> None:

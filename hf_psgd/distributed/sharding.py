@@ -78,10 +78,10 @@ class DataParallelOwners(Distribution):
             p: u for plan, flat in zip(plans, shared) for p, u in zip(plan.params, plan.scatter(flat.view(plan.shape)))
         }
 
-    def agree(self, flag: bool) -> bool:
-        flag = torch.tensor([float(flag)], device=group_device(self.group))
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+    def agree(self, flag: Tensor) -> Tensor:
+        values = flag.to(group_device(self.group), torch.float32).reshape(1)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN, group=self.group)
+        return (values[0] > 0).to(flag.device)
 
     def gather_state(self, local: dict[str, Any], owned: set[int]) -> dict[str, Any]:
         """Every owner's state (a collective over a gloo group). Every process must call it: one that

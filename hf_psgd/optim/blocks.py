@@ -47,7 +47,8 @@ class BlockPlan:
         state (``Q = I``, or ``precond_init_scale I``; else the scale is pending, see
         :mod:`.fitting`), the momentum and the fit counter."""
         group, first = self.group, self.key
-        state = dict(step=0, skipped_steps=0, update_credit=1.0 - update_probability(self.schedule, 0))
+        skipped = torch.zeros((), dtype=torch.int64, device=first.device)  # counted on the device
+        state = dict(step=0, skipped_steps=skipped, update_credit=1.0 - update_probability(self.schedule, 0))
         if self.family.scope == "group":
             members = {id(p) for p in self.params}
             state["block"] = [i for i, p in enumerate(group["params"]) if id(p) in members]
@@ -139,7 +140,7 @@ def block_statistics(blocks: Sequence[tuple[BlockPlan, Mapping[str, Any]]]) -> d
         updates += state["precond_updates"]
         if "rejected_fits" in state:
             rejected.append(state["rejected_fits"])
-        skipped = max(skipped, state["skipped_steps"])
+        skipped = max(skipped, int(state["skipped_steps"]))
         probability = max(probability, update_probability(plan.schedule, state["step"]))
         scales.append(plan.family.mean_diagonal(state))
     figures = {"precond_updates": float(updates), "skipped_steps": float(skipped), "update_prob": probability}

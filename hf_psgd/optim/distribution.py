@@ -46,8 +46,9 @@ class Distribution:
     def average_(self, tensors: Iterable[Tensor]) -> None:
         """Average over the processes, in place, what PSGD computed itself (closure gradients, ``H v``)."""
 
-    def agree(self, flag: bool) -> bool:
-        """Whether every process says ``flag`` (all skip a step together, before any state changes)."""
+    def agree(self, flag: Tensor) -> Tensor:
+        """Whether every process says ``flag`` (a 0-dim bool tensor; the result stays on its device, so
+        that every process masks a non-finite step together with no host sync)."""
         return flag
 
     def buckets(self, plans: Sequence[BlockPlan]) -> list[list[BlockPlan]]:

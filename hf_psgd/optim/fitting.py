@@ -35,14 +35,21 @@ def fitted_tensors(family: type[Preconditioner], state: Mapping[str, Any]) -> li
 
 
 def checked_update(
-    family: type[Preconditioner], state: dict[str, Any], v: Tensor | None, h: Tensor, raw_h: Tensor, options: Any
+    family: type[Preconditioner],
+    state: dict[str, Any],
+    v: Tensor | None,
+    h: Tensor,
+    raw_h: Tensor,
+    options: Any,
+    keep: Tensor,
 ) -> None:
-    """``family.update(state, v, h, options)``, undone where ``raw_h`` (``h`` before damping) is all
-    zeros or any fitted tensor comes out non-finite; ``state["rejected_fits"]`` counts the undone."""
+    """``family.update(state, v, h, options)``, undone where ``keep`` is false (a masked step),
+    ``raw_h`` (``h`` before damping) is all zeros or any fitted tensor comes out non-finite;
+    ``state["rejected_fits"]`` counts the undone."""
     tensors = fitted_tensors(family, state)
     saved = [t.clone() for t in tensors]
     family.update(state, v, h, options)
-    accepted = raw_h.ne(0).any() & torch.stack([t.isfinite().all() for t in tensors]).all()
+    accepted = keep & raw_h.ne(0).any() & torch.stack([t.isfinite().all() for t in tensors]).all()
     for tensor, old in zip(tensors, saved):
         tensor.copy_(torch.where(accepted, tensor, old))
     if "rejected_fits" not in state:  # a state saved by hf_psgd 0.2.0 or older
@@ -51,9 +58,15 @@ def checked_update(
 
 
 def fit_preconditioner(
-    family: type[Preconditioner], state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]
+    family: type[Preconditioner],
+    state: dict[str, Any],
+    v: Tensor | None,
+    h: Tensor,
+    options: Mapping[str, Any],
+    keep: Tensor,
 ) -> None:
-    """Set the initial scale if it is pending, then one checked fit of ``Q`` on ``(v, h + damping v)``;
+    """Set the initial scale if it is pending (one host sync, on the block's first fit only), then one
+    checked fit of ``Q`` on ``(v, h + damping v)`` (undone where ``keep`` is false);
     ``state["precond_updates"]`` counts the fits tried."""
     if state["scale_pending"]:
         scale = h.pow(4).mean().pow(-0.125)
@@ -64,5 +77,5 @@ def fit_preconditioner(
         family.set_scale(state, scale)
         state["scale_pending"] = False
     damped = h.add(v, alpha=options["damping"]) if v is not None and options["damping"] > 0 else h
-    checked_update(family, state, v, damped, h, options)
+    checked_update(family, state, v, damped, h, options, keep)
     state["precond_updates"] += 1

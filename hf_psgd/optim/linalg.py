@@ -17,7 +17,6 @@ __all__ = [
     "from_rows",
     "gram_along",
     "largest_eigenvalue_2x2",
-    "nonzero_slices",
     "power_of_two_scale",
     "procrustes_step_",
     "solve_transpose_along",
@@ -77,33 +76,6 @@ def gram_along(x: Tensor, dim: int, diagonal: bool) -> Tensor:
         return x.square().sum(dim=other) if other else x.square()
     rows = to_rows(x, dim)
     return rows.mT @ rows
-
-
-#: :func:`nonzero_slices` reports the nonzero slices only when at most this fraction of them is nonzero.
-SPARSE_SLICE_FRACTION = 0.5
-#: :func:`nonzero_slices` first looks at about this many evenly spaced slices.
-SAMPLED_SLICES = 32
-
-
-def _nonzero_mask(x: Tensor, dim: int) -> Tensor:
-    other = [d for d in range(x.ndim) if d != dim]
-    return x.ne(0).any(dim=other) if other else x.ne(0)
-
-
-def nonzero_slices(x: Tensor, dim: int) -> Tensor | None:
-    """Indices ``k`` of the slices ``x.select(dim, k)`` that hold a nonzero, when they are at most
-    :data:`SPARSE_SLICE_FRACTION` of all (as for the vocabulary rows of an embedding gradient: only the
-    tokens of the batch); ``None`` otherwise, and also when more than that fraction of about
-    :data:`SAMPLED_SLICES` evenly spaced slices is nonzero (a cheap first look that spares a pass over
-    tensors that are never sparse). One pass over ``x``; a host sync on accelerators."""
-    step = x.shape[dim] // SAMPLED_SLICES
-    if step > 1:
-        sample = x.narrow(dim, 0, step * SAMPLED_SLICES).unflatten(dim, (SAMPLED_SLICES, step)).select(dim + 1, 0)
-        if _nonzero_mask(sample, dim).sum() > SPARSE_SLICE_FRACTION * SAMPLED_SLICES:
-            return None
-    mask = _nonzero_mask(x, dim)
-    indices = mask.nonzero().squeeze(1)
-    return indices if indices.numel() <= SPARSE_SLICE_FRACTION * mask.numel() else None
 
 
 def power_of_two_scale(x: Tensor) -> Tensor:

@@ -10,8 +10,10 @@ One step, for every block (a tensor, or a whole param group for the whole-vector
 3. ``u = P m``; the update-size guard scales ``u`` down to RMS ``<= max_update_rms`` (:mod:`.update`).
 4. ``theta <- theta (1 - lr weight_decay) - lr u`` (decoupled weight decay).
 
-A non-finite gradient or ``H v`` anywhere skips the step on every process (``skipped_steps``);
-which process does what is the distribution strategy's business (:mod:`.distribution`).
+A non-finite gradient or ``H v`` anywhere masks the step on every process, decided on the device
+with no host synchronisation: parameters, momentum and preconditioners stay as they were, the step
+counters move on and ``skipped_steps`` counts it. Which process does what is the distribution
+strategy's business (:mod:`.distribution`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .fitting import fit_preconditioner
 from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
-from .update import all_finite, apply_updates_, clip_update_rms_
+from .update import all_finite, apply_updates_, guard_updates_
 
 __all__ = ["PSGD"]
 
@@ -165,9 +167,20 @@ class PSGD(Optimizer):
         return any(plan.fits for plan in self._plans() if curvature in (None, plan.group["curvature"]))
 
     def statistics(self) -> dict[str, float]:
-        """Figures for training logs over this process's blocks (:func:`.blocks.block_statistics`)."""
+        """Figures for training logs over this process's blocks (:func:`.blocks.block_statistics`); warns
+        once when a step was skipped (a non-finite gradient or ``H v``)."""
         plans = [plan for plan in self._plans() if self.state.get(plan.key) and self._distribution.owns(plan)]
-        return block_statistics([(plan, self.state[plan.key]) for plan in plans])
+        figures = block_statistics([(plan, self.state[plan.key]) for plan in plans])
+        if figures["skipped_steps"] > 0 and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "PSGD skipped a step because a gradient or Hessian-vector product was NaN or Inf: the update was "
+                "masked, momentum and preconditioners were left unchanged (state['skipped_steps'] counts skips). "
+                "Shown once.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return figures
 
     # ----------------------------------------------------------------------------- probes and H v
 
@@ -222,29 +235,28 @@ class PSGD(Optimizer):
         self._distribution.average_([products[p] for p, (c, _) in probes.items() if c == "fd" or p not in handed])
 
         local = self._distribution.local
-        if not self._distribution.agree(all_finite([local(t) for t in (*grads.values(), *products.values())])):
-            self._skip(plans)
-            return loss
+        keep = self._distribution.agree(all_finite([local(t) for t in (*grads.values(), *products.values())]))
+        self._count_skips(plans, keep)
         for bucket in self._distribution.buckets(plans):
-            updates = self._distribution.exchange(bucket, self._guarded_updates(bucket, grads, products))
+            updates = self._distribution.exchange(bucket, self._guarded_updates(bucket, grads, products, keep))
             for group in self.param_groups:  # a parameter without gradient never moves
                 params = [p for plan in bucket if plan.group is group for p in plan.params if p in grads]
-                apply_updates_([(local(p), updates[p]) for p in params], group["lr"], group["weight_decay"])
+                apply_updates_([(local(p), updates[p]) for p in params], group["lr"], group["weight_decay"], keep)
         return loss
 
     def _guarded_updates(
-        self, plans: list[BlockPlan], grads: Mapping[Tensor, Tensor], products: Mapping[Tensor, Tensor]
+        self, plans: list[BlockPlan], grads: Mapping[Tensor, Tensor], products: Mapping[Tensor, Tensor], keep: Tensor
     ) -> dict[Tensor, Tensor]:
-        """The guarded update ``u = P m`` of every block this process owns, keyed by ``plan.key`` (the
-        whole gradients the owner gathers for it are freed on return)."""
+        """The guarded update ``u = P m`` of every block this process owns, keyed by ``plan.key`` (zero
+        where ``keep`` is false; the whole gradients the owner gathers for it are freed on return)."""
         whole_grads = self._distribution.gather_gradients(plans, grads)
         updates = {}
         for plan in plans:
-            update = self._block_update(plan, whole_grads, products)
+            update = self._block_update(plan, whole_grads, products, keep)
             if update is not None:
                 updates[plan.key] = update
-        guarded = [plan for plan in plans if plan.key in updates and plan.group["max_update_rms"] is not None]
-        clip_update_rms_([updates[plan.key] for plan in guarded], [plan.group["max_update_rms"] for plan in guarded])
+        owned = [plan for plan in plans if plan.key in updates]
+        guard_updates_([updates[plan.key] for plan in owned], [plan.group["max_update_rms"] for plan in owned], keep)
         return updates
 
     def _initialises_state(self, closure: Callable[[], Tensor] | None, grads: Mapping[Tensor, Tensor]) -> bool:
@@ -252,32 +264,34 @@ class PSGD(Optimizer):
         lr 0 and zero gradients, to get a state to load into): it creates the state and changes nothing."""
         if closure is not None or any(float(group["lr"]) != 0.0 for group in self.param_groups):
             return False
-        return self._distribution.agree(not any(bool(self._distribution.local(g).any()) for g in grads.values()))
+        zero = not any(bool(self._distribution.local(g).any()) for g in grads.values())
+        return bool(self._distribution.agree(torch.tensor(zero)))
 
-    def _skip(self, plans: list[BlockPlan]) -> None:
-        for plan in plans:
-            self._init_state(plan)["skipped_steps"] += 1
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                "PSGD skipped a step because a gradient or Hessian-vector product was NaN or Inf; parameters, "
-                "momentum and preconditioners were left unchanged (state['skipped_steps'] counts skips). Shown once.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    def _count_skips(self, plans: list[BlockPlan], keep: Tensor) -> None:
+        """``state["skipped_steps"] += 1`` where ``keep`` is false, for every block (one multi-tensor add
+        on the device)."""
+        counters = [self._init_state(plan)["skipped_steps"] for plan in plans]
+        skipped = keep.logical_not().to(counters[0].device, torch.int64)
+        torch._foreach_add_(counters, [skipped] * len(counters))  # tensor lists: no scalar read on the host
 
-    def _block_update(self, plan: BlockPlan, grads: dict[Tensor, Tensor], hv: dict[Tensor, Tensor]) -> Tensor | None:
+    def _block_update(
+        self, plan: BlockPlan, grads: dict[Tensor, Tensor], hv: dict[Tensor, Tensor], keep: Tensor
+    ) -> Tensor | None:
         """Advance the block's counters; on its owner also the momentum, the fits and the update
-        ``u = P m`` (block-shaped, before the guard), which is returned (``None`` elsewhere)."""
+        ``u = P m`` (block-shaped, before the guard), which is returned (``None`` elsewhere). Where
+        ``keep`` is false (a non-finite step) the momentum, the fits and the secant pair are masked."""
         state, group, family = self._init_state(plan), plan.group, plan.family
         step = state["step"]
         state["update_credit"] += update_probability(plan.schedule, step) - float(plan.fits)
         state["step"] = step + 1
         if not self._distribution.owns(plan):
             return None
-        g = direction = plan.gather(grads)
-        if group["momentum"] > 0:
-            direction = state["momentum"].lerp_(g, 1.0 - min(group["momentum"], step / (step + 1)))
+        g = plan.gather(grads)
+        if group["momentum"] > 0:  # a masked step lerps m towards itself: m exactly
+            moved = torch.where(keep, g, state["momentum"])
+            direction = state["momentum"].lerp_(moved, 1.0 - min(group["momentum"], step / (step + 1)))
+        else:
+            direction = torch.where(keep, g, 0)
         dtype = work_dtype(group, plan.key)
         if plan.fits:
             whiten = group["curvature"] == "whiten"
@@ -285,10 +299,10 @@ class PSGD(Optimizer):
             if not (whiten and family.integrates_probe):
                 v = plan.gather({p: self._probe(p, group, step) for p in plan.params})
             h = (direction if group["whiten_momentum"] else g) if whiten else plan.gather(hv)
-            fit_preconditioner(family, state, v, h.to(dtype), group)
+            fit_preconditioner(family, state, v, torch.where(keep, h, 0).to(dtype), group, keep)
         if group["secant_pairs"]:
             param = plan.gather({p: p.detach() for p in plan.params}).to(dtype)
-            fit_secant_pair(family, state, param, g.to(dtype), group)
+            fit_secant_pair(family, state, param, g.to(dtype), group, keep)
         return family.precondition(state, direction)
 
     # ----------------------------------------------------------------------------- state dict
@@ -333,4 +347,7 @@ class PSGD(Optimizer):
             if params[index] in plans:
                 check_loaded_state(plans[params[index]], value, index, owned=index in owned)
             value = self._distribution.keep_loaded(index in owned, value)
-            self.state[params[index]] = copy_to_device(value, params[index].device)
+            value = copy_to_device(value, params[index].device)
+            if not isinstance(value.get("skipped_steps"), Tensor):  # saved by hf_psgd 0.2.0 or older: an int
+                value["skipped_steps"] = torch.tensor(value.get("skipped_steps", 0), device=params[index].device)
+            self.state[params[index]] = value

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .fitting import checked_update
@@ -23,11 +24,17 @@ __all__ = ["fit_secant_pair"]
 
 
 def fit_secant_pair(
-    family: type[Preconditioner], state: dict[str, Any], param: Tensor, grad: Tensor, options: Mapping[str, Any]
+    family: type[Preconditioner],
+    state: dict[str, Any],
+    param: Tensor,
+    grad: Tensor,
+    options: Mapping[str, Any],
+    keep: Tensor,
 ) -> None:
     """Fit on the last step's secant pair (none on the first step, while the initial scale is
     pending, or when ``theta`` did not move), then remember ``param`` and ``grad`` (block-shaped,
-    in the fit's dtype) in ``state["secant_param"]`` and ``state["secant_grad"]``."""
+    in the fit's dtype) in ``state["secant_param"]`` and ``state["secant_grad"]``. Where ``keep`` is
+    false (a masked step) the fit is undone and the remembered pair kept."""
     if "secant_param" in state and not state["scale_pending"]:
         s = param - state["secant_param"]
         norm = s.norm()
@@ -35,9 +42,9 @@ def fit_secant_pair(
             scale = math.sqrt(s.numel()) / norm
             s, y = s * scale, (grad - state["secant_grad"]).mul_(scale)
             damped = y.add(s, alpha=options["damping"]) if options["damping"] > 0 else y
-            checked_update(family, state, s, damped, y, options)
+            checked_update(family, state, s, damped, y, options, keep)
     if "secant_param" in state:
-        state["secant_param"].copy_(param)
-        state["secant_grad"].copy_(grad)
+        state["secant_param"].copy_(torch.where(keep, param, state["secant_param"]))
+        state["secant_grad"].copy_(torch.where(keep, grad, state["secant_grad"]))
     else:
-        state["secant_param"], state["secant_grad"] = param.clone(), grad.clone()
+        state["secant_param"], state["secant_grad"] = param.clone(), torch.where(keep, grad, 0)

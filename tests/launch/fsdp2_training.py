@@ -117,7 +117,7 @@ def nan_on_one_rank() -> dict:
         next(model.parameters()).grad.to_local().fill_(float("nan"))
     optimizer.step()
     unchanged = all(torch.equal(p.to_local(), before[name]) for name, p in model.named_parameters())
-    return {"unchanged": unchanged, "skipped": [s["skipped_steps"] for s in optimizer.state.values()]}
+    return {"unchanged": unchanged, "skipped": [int(s["skipped_steps"]) for s in optimizer.state.values()]}
 
 
 def fit(model: nn.Module, optimizer: PSGD, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -26,12 +26,6 @@ whitening the probe is integrated out: ``E_v[B_(i) B_(i)^T] = (Q_i^{-T} Q_i^{-1}
 |Q_j^{-1}|_F^2`` needs one small Cholesky inverse per factor. A factor fitted by EQ continues under
 Q0.5EQ1.5 (its ``P`` is unchanged); diagonal factors move the same way under both
 (``q_i <- q_i - (mu / L_i) E_i q_i``).
-
-Zero slices: every factor but a diagonal one on dim ``k`` acts within the slices along ``k``, so a
-slice of zeros stays zero. Where most slices along the largest diagonal-factor dim are zero (the
-vocabulary rows of an embedding gradient, or its momentum early on, hold only the batch's tokens),
-preconditioning and the ``A`` side of the fit work on the nonzero slices alone (on the CPU; the
-result is the same).
 """
 
 from __future__ import annotations
@@ -46,7 +40,6 @@ from torch import Tensor
 from ..linalg import (
     apply_along,
     gram_along,
-    nonzero_slices,
     procrustes_step_,
     solve_transpose_along,
     spd_norm_lower_bound,
@@ -140,26 +133,11 @@ class Kron(Preconditioner):
         cls._refresh_cache(state)
 
     @staticmethod
-    def _sparse_dim(factors: list[Tensor]) -> int | None:
-        """The dim whose zero slices :meth:`_apply_all` may skip: the largest with a diagonal factor."""
-        diagonal = [(q.numel(), dim) for dim, q in enumerate(factors) if q.ndim == 1 and q.numel() > 1]
-        return max(diagonal)[1] if diagonal else None
-
-    @classmethod
-    def _apply_all(cls, x: Tensor, factors: list[Tensor]) -> tuple[Tensor, int | None, Tensor | None]:
-        """Every factor applied along its dim: ``(result, dim, kept)``. Where most slices of ``x``
-        along :meth:`_sparse_dim` are zero, ``result`` holds only the nonzero slices ``kept`` (indices
-        along ``dim``; the others are zero); else ``result`` is the whole tensor and ``kept`` is None."""
-        dim = cls._sparse_dim(factors)
-        # CPU only: the check costs a host sync per tensor on accelerators, where the skipped
-        # products are cheap anyway
-        kept = None if dim is None or x.device.type != "cpu" else nonzero_slices(x, dim)
-        if kept is not None:
-            x = x.index_select(dim, kept)
-            factors = [q.index_select(0, kept) if i == dim else q for i, q in enumerate(factors)]
+    def _apply_all(x: Tensor, factors: list[Tensor]) -> Tensor:
+        """Every factor applied along its dim."""
         for i, q in enumerate(factors):
             x = apply_along(x, q, i)
-        return x, dim, kept
+        return x
 
     @classmethod
     def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
@@ -169,14 +147,12 @@ class Kron(Preconditioner):
         # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h against v
         applied = [p.to(factors[0].dtype) for p in state["P"]] if symmetric else factors
         shape = _work_shape(h.shape)
-        a, sparse_dim, kept = cls._apply_all(h.reshape(shape).to(factors[0].dtype), applied)
+        a = cls._apply_all(h.reshape(shape).to(factors[0].dtype), applied)
         terms_b, terms_damping = cls._probe_terms(factors, applied, v, shape, options["damping"], symmetric)
         lipschitz = state["lipschitz"]
         for dim, q in enumerate(factors):
             diagonal = q.ndim == 1
             term_a = gram_along(a, dim, diagonal)
-            if dim == sparse_dim and kept is not None:
-                term_a = torch.zeros_like(q).index_copy_(0, kept, term_a)
             if terms_damping[dim] is not None:
                 term_a += terms_damping[dim]
             total = term_a + terms_b[dim]
@@ -215,17 +191,16 @@ class Kron(Preconditioner):
                 for dim, q in enumerate(factors):
                     b = solve_transpose_along(b, q, dim)
             return [gram_along(b, dim, q.ndim == 1) for dim, q in enumerate(factors)], [None] * len(factors)
+        terms_damping: list[Tensor | None] = [None] * len(factors)
+        if damping > 0:  # E[damping^2 (M v)_(i) (M v)_(i)^T] with M the applied side (Q for EQ, P for Q0.5EQ1.5)
+            squares = [p.square() if p.ndim == 1 else p @ p.mT for p in applied]
+            terms_damping = [term.mul_(damping**2) for term in cls._kron_expectation_terms(squares)]
         if not symmetric:
-            inverse_grams = [cls._inverse_gram(q) for q in factors]
-            return cls._kron_expectation_terms(inverse_grams), cls._damping_terms(factors, inverse_grams, damping)
+            return cls._kron_expectation_terms([cls._inverse_gram(q) for q in factors]), terms_damping
         identities = [
             torch.ones_like(q) if q.ndim == 1 else torch.eye(len(q), dtype=q.dtype, device=q.device) for q in factors
         ]
-        terms_b = [identity.mul_(shape.numel() / len(q)) for identity, q in zip(identities, factors)]
-        if damping == 0:
-            return terms_b, [None] * len(factors)
-        squares = [p.square() if p.ndim == 1 else p @ p.mT for p in applied]
-        return terms_b, [term.mul_(damping**2) for term in cls._kron_expectation_terms(squares)]
+        return [identity.mul_(shape.numel() / len(q)) for identity, q in zip(identities, factors)], terms_damping
 
     @staticmethod
     def _trace(gram: Tensor) -> Tensor:
@@ -249,49 +224,11 @@ class Kron(Preconditioner):
             return q.reciprocal().square()
         return torch.cholesky_inverse(q.flip(0, 1)).flip(0, 1)
 
-    @staticmethod
-    def _squared_spectral_norm_bound(q: Tensor) -> Tensor:
-        """An upper bound of ``|Q|_2^2``: ``|Q|_1 |Q|_inf`` (exact for a diagonal factor)."""
-        if q.ndim == 1:
-            return q.abs().max().square()
-        magnitudes = q.abs()
-        return magnitudes.sum(0).max() * magnitudes.sum(1).max()
-
-    @classmethod
-    def _damping_terms(cls, factors: list[Tensor], inverse_grams: list[Tensor], damping: float) -> list[Tensor | None]:
-        """``E_v[damping^2 (Q v)_(i) (Q v)_(i)^T] = damping^2 Q_i Q_i^T prod_{j!=i} |Q_j|_F^2``: fitting
-        ``h + damping v`` with ``v`` integrated out (bounds ``P`` by ``1 / damping`` in null directions).
-
-        On the CPU a factor's term is left out (``None``) when it is below rounding: when its norm is
-        at most the float epsilon times the smallest eigenvalue of the probe term
-        ``Q_i^{-T} Q_i^{-1} prod_{j!=i} |Q_j^{-1}|_F^2``. Their ratio is at most
-        ``damping^2 |Q_i|_2^4 prod_{j!=i} |Q_j|_F^2 / |Q_j^{-1}|_F^2``, with ``|Q_i|_2^2 <= |Q_i|_1 |Q_i|_inf``.
-        Elsewhere every term is computed (the check would cost a host sync)."""
-        if damping == 0:
-            return [None] * len(factors)
-        squared_norms = torch.stack([q.square().sum() for q in factors])
-        if factors[0].device.type == "cpu":
-            inverse_norms = torch.stack([cls._trace(g) for g in inverse_grams])
-            spectral_bounds = torch.stack([cls._squared_spectral_norm_bound(q) for q in factors])
-            norm_ratios = squared_norms / inverse_norms
-            ratios = damping**2 * spectral_bounds.square() * (norm_ratios.prod() / norm_ratios)
-            needed = (ratios > torch.finfo(factors[0].dtype).eps).tolist()
-        else:
-            needed = [True] * len(factors)
-        others = squared_norms.prod() / squared_norms
-        return [
-            ((q.square() if q.ndim == 1 else q @ q.mT) * (damping**2 * others[i]) if needed[i] else None)
-            for i, q in enumerate(factors)
-        ]
-
     @classmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         cache = state["P"]
         x = g.reshape(_work_shape(g.shape)).to(cache[0].dtype)
-        result, dim, kept = cls._apply_all(x, list(cache))
-        if kept is not None:
-            result = torch.zeros_like(x).index_copy_(dim, kept, result)
-        return result.reshape(g.shape)
+        return cls._apply_all(x, list(cache)).reshape(g.shape)
 
     @classmethod
     def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
