@@ -6,7 +6,23 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+import torch
 import torch.distributed as dist
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+        ),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device the test runs on: the CPU, and a CUDA device where there is one (marked ``cuda``:
+    ``pytest -m cuda`` runs the GPU subset, as ``scripts/bench_gpu.py`` does)."""
+    return torch.device(request.param)
 
 
 @pytest.fixture

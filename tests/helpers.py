@@ -63,7 +63,7 @@ class TinyTransformer(nn.Module):
         x = self.embed(tokens) + self.pos[:t]
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, -1).unbind(2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-        mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
         attention = scores.masked_fill(mask, float("-inf")).softmax(-1)
         x = x + self.proj(torch.einsum("bhqk,bkhd->bqhd", attention, v).reshape(b, t, -1))
         x = x + self.mlp(self.norm2(x))

@@ -56,20 +56,20 @@ def test_diag_hvp_fits_inverse_abs_diagonal_hessian() -> None:
 
 
 @FITS
-def test_kron_whitening_fits_inverse_sqrt_covariance(fit: str) -> None:
+def test_kron_whitening_fits_inverse_sqrt_covariance(fit: str, device: torch.device) -> None:
     """Gradients G = C1^{1/2} Z C2^{1/2} (Z white) have covariance C1 (x) C2: P -> C^{-1/2}."""
     m, n = 4, 3
     c1, c2 = random_symmetric(m, 0.5, 4.0, seed=3), random_symmetric(n, 0.5, 4.0, seed=4)
-    s1, s2 = matrix_power(c1, 0.5), matrix_power(c2, 0.5)
-    x = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
+    s1, s2 = matrix_power(c1, 0.5).to(device), matrix_power(c2, 0.5).to(device)
+    x = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64, device=device))
     opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf, fit=fit)
     gen = torch.Generator().manual_seed(0)
     for t in range(6000):
         opt.param_groups[0]["precond_lr"] = 0.1 if t < 2000 else 0.01
-        x.grad = s1 @ torch.randn(m, n, generator=gen, dtype=torch.float64) @ s2
+        x.grad = s1 @ torch.randn(m, n, generator=gen, dtype=torch.float64).to(device) @ s2
         opt.step()
     target = matrix_power(torch.kron(c1, c2), 0.5)
-    assert relative_identity_error(_kron_preconditioner(opt, x) @ target) < 0.1
+    assert relative_identity_error(_kron_preconditioner(opt, x).cpu() @ target) < 0.1
 
 
 @pytest.mark.parametrize("damping", [0.1, 0.0])

@@ -66,3 +66,18 @@ def test_quality_suite_learning_rate_rule(monkeypatch) -> None:
     assert bench.psgd_lr(whiten, 0.01, scale=0.5) == 0.005
     assert bench.psgd_lr(hvp, 0.01) == bench.psgd_lr(hvp, None) == 0.3
     assert bench.psgd_lr(whiten, 0.01, rule="default") == 1e-3
+
+
+def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path: Path) -> None:
+    """``scripts/bench_gpu.py`` runs end to end (here on the CPU, a tiny model, hf_psgd and AdamW rows
+    only) and writes its table with the derived default-schedule row."""
+    out = tmp_path / "gpu.md"
+    command = [sys.executable, str(SCRIPTS / "bench_gpu.py"), "--device", "cpu", "--models", "tiny", "--rounds", "1"]
+    command += ["--iters", "1", "--warmup", "1", "--skip-tests", "--only", "adamw,psgd,psgd-apply,psgd-hvp"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=120)
+    table = out.read_text()
+    for row in ("`adamw`", "`psgd`", "`psgd-apply`", "`psgd-hvp`", "`psgd@0.03`"):
+        assert row in table
+    if not torch.cuda.is_available():  # a CUDA run without a CUDA device says so and stops
+        result = subprocess.run([sys.executable, str(SCRIPTS / "bench_gpu.py")], capture_output=True, text=True)
+        assert result.returncode != 0 and "no CUDA device here" in result.stderr

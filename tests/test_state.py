@@ -15,7 +15,7 @@ SHORT_SCHEDULE = {"flat_steps": 3, "decay": 0.3, "min_prob": 0.2}
 
 def _run(model: torch.nn.Module, opt: PSGD, curvature: str, steps: range) -> None:
     for step in steps:
-        batch = copy_task_batch(torch.Generator().manual_seed(step))
+        batch = copy_task_batch(torch.Generator().manual_seed(step)).to(next(model.parameters()).device)
         if curvature == "whiten":
             opt.zero_grad()
             lm_loss(model, batch).backward()
@@ -49,12 +49,12 @@ def _all_state_tensors(state) -> list[torch.Tensor]:
     ],
 )
 def test_resume_from_saved_state_is_bitwise_identical(
-    tmp_path, preconditioner: str, curvature: str, secant_pairs: bool
+    tmp_path, preconditioner: str, curvature: str, secant_pairs: bool, device: torch.device
 ) -> None:
     """Train 10 steps; or train 5, save to disk, load (weights_only=True) into fresh objects and
     train 5 more: the parameters must be bit-identical, probes and update decisions included."""
     torch.manual_seed(0)
-    reference = TinyTransformer()
+    reference = TinyTransformer().to(device)
     resumed = copy.deepcopy(reference)
     options = dict(
         lr=3e-3,
@@ -73,7 +73,7 @@ def test_resume_from_saved_state_is_bitwise_identical(
     del first, resumed
 
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    restored = TinyTransformer()
+    restored = TinyTransformer().to(device)
     restored.load_state_dict(checkpoint["model"])
     second = PSGD(restored.parameters(), **options)
     second.load_state_dict(checkpoint["optimizer"])

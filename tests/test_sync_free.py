@@ -71,15 +71,17 @@ def test_the_counter_sees_each_kind_of_host_sync(monkeypatch: pytest.MonkeyPatch
         {"curvature": "fd", "preconditioner": "lra", "precond_update_prob": 1.0},
     ],
 )
-def test_step_has_no_host_sync_after_the_first_fit(monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+def test_step_has_no_host_sync_after_the_first_fit(
+    monkeypatch: pytest.MonkeyPatch, options: dict, device: torch.device
+) -> None:
     torch.manual_seed(0)
-    model = TinyTransformer()
+    model = TinyTransformer().to(device)
     optimizer = PSGD(model.parameters(), **options)
     generator = torch.Generator().manual_seed(0)
     whiten = options.get("curvature", "whiten") == "whiten"
 
     def step() -> None:
-        batch = copy_task_batch(generator)
+        batch = copy_task_batch(generator).to(device)
         if whiten:
             optimizer.zero_grad()
             lm_loss(model, batch).backward()
