@@ -1,7 +1,8 @@
-"""GPU benchmark in one command: the CUDA tests, then PSGD's step and iteration against fused AdamW and
-the PyPI PSGDs (heavyball ``PSGDKron``, kron-torch ``Kron``; compiled, as their defaults) on a
-GPT-2-small sized model (124M: vocab 50257, seq 1024, d_model 768, 12 layers, 12 heads, batch 16, bf16
-autocast) and on the 4.24M model of ``bench_step_cost.py``.
+"""GPU benchmark in one command: the CUDA tests, then PSGD's step and iteration (eager, and with
+``compile_kernels=True``) against fused AdamW and the PyPI PSGDs (heavyball ``PSGDKron``, kron-torch
+``Kron``; compiled, as their defaults) on a GPT-2-small sized model (124M: vocab 50257, seq 1024,
+d_model 768, 12 layers, 12 heads, batch 16, bf16 autocast) and on the 4.24M model of
+``bench_step_cost.py``.
 
     python scripts/bench_gpu.py                      # on a machine with a CUDA device
     python scripts/bench_gpu.py --device cpu --models tiny --rounds 1 --skip-tests   # a smoke run
@@ -85,6 +86,12 @@ def configs(fused: bool) -> list[Config]:
         Config("psgd", lambda p: PSGD(p, lr=LR, precond_update_prob=1.0)),
         Config("psgd-apply", lambda p: PSGD(p, lr=LR, precond_update_prob=1.0), apply_only=psgd_off),
         Config("psgd-hvp", lambda p: PSGD(p, lr=0.3, curvature="hvp", precond_update_prob=1.0), hvp=True),
+        Config("psgd-compiled", lambda p: PSGD(p, lr=LR, precond_update_prob=1.0, compile_kernels=True)),
+        Config(
+            "psgd-compiled-apply",
+            lambda p: PSGD(p, lr=LR, precond_update_prob=1.0, compile_kernels=True),
+            apply_only=psgd_off,
+        ),
         Config("heavyball", make_heavyball, "heavyball"),
         Config("heavyball-apply", make_heavyball, "heavyball", Switch("precond_schedule", 0.0, in_groups=False)),
         Config("kron-torch", make_kron_torch, "kron_torch"),

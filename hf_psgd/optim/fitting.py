@@ -14,7 +14,7 @@ undone, and ``state["rejected_fits"]`` counts them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -64,10 +64,11 @@ def fit_preconditioner(
     h: Tensor,
     options: Mapping[str, Any],
     keep: Tensor,
+    checked: Callable[..., None] = checked_update,
 ) -> None:
     """Set the initial scale if it is pending (one host sync, on the block's first fit only), then one
-    checked fit of ``Q`` on ``(v, h + damping v)`` (undone where ``keep`` is false);
-    ``state["precond_updates"]`` counts the fits tried."""
+    checked fit of ``Q`` on ``(v, h + damping v)`` (undone where ``keep`` is false) by ``checked``
+    (:func:`checked_update`, or its compiled form); ``state["precond_updates"]`` counts the fits tried."""
     if state["scale_pending"]:
         scale = h.pow(4).mean().pow(-0.125)
         if v is not None:
@@ -77,5 +78,5 @@ def fit_preconditioner(
         family.set_scale(state, scale)
         state["scale_pending"] = False
     damped = h.add(v, alpha=options["damping"]) if v is not None and options["damping"] > 0 else h
-    checked_update(family, state, v, damped, h, options, keep)
+    checked(family, state, v, damped, h, options, keep)
     state["precond_updates"] += 1

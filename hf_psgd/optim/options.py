@@ -130,3 +130,5 @@ def _validate_shell_options(group: dict[str, Any]) -> None:
     )
     group["precond_dtype"] = dtype_name(group["precond_dtype"], "precond_dtype")
     check("seed", group["seed"], is_int(group["seed"]), "an int")
+    compiled = group["compile_kernels"]
+    check("compile_kernels", compiled, isinstance(compiled, bool), "True or False")

@@ -32,7 +32,7 @@ from .blocks import BlockPlan, block_statistics, plan_blocks, work_dtype
 from .checkpoint import check_loaded_state, copy_to_device
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
 from .distribution import resolve_distribution
-from .fitting import fit_preconditioner
+from .fitting import checked_update, fit_preconditioner
 from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
@@ -72,6 +72,9 @@ class PSGD(Optimizer):
         secant_pairs: with ``"hvp"`` or ``"fd"``, also fit on the last step's secant pair (:mod:`.secant`).
         precond_dtype: preconditioner storage dtype (``None``: float32, float64 for float64 parameters).
         seed: seed of the probe vectors (a pure function of seed, parameter index and step).
+        compile_kernels: run the families' preconditioning and checked fit through ``torch.compile``
+            (one compiled function each, recompiled per shape by dynamo; the first steps pay the
+            compilation). Off by default.
         shard_preconditioners: in a multi-process job, give every block one owner rank that alone
             keeps its state and computes its update (``None``: when more than one process runs, or
             the parameters are FSDP2 shards, where it cannot be ``False``).
@@ -106,6 +109,7 @@ class PSGD(Optimizer):
         secant_pairs: bool = False,
         precond_dtype: torch.dtype | str | None = None,
         seed: int = 0,
+        compile_kernels: bool = False,
         shard_preconditioners: bool | None = None,
         communication_dtype: torch.dtype | str | None = None,
         **family_options: Any,
@@ -118,6 +122,7 @@ class PSGD(Optimizer):
         self._handed_hvp = HandedProducts(self._probes.index)
         self._warned_nonfinite = False
         self._gathered: dict[str, Any] | None = None
+        self._compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
         super().__init__(params, defaults)
         self._sharding = (shard_preconditioners, communication_dtype)
         self._distribution = resolve_distribution(shard_preconditioners, communication_dtype, self.param_groups)
@@ -299,11 +304,20 @@ class PSGD(Optimizer):
             if not (whiten and family.integrates_probe):
                 v = plan.gather({p: self._probe(p, group, step) for p in plan.params})
             h = (direction if group["whiten_momentum"] else g) if whiten else plan.gather(hv)
-            fit_preconditioner(family, state, v, torch.where(keep, h, 0).to(dtype), group, keep)
+            checked = self._kernel(checked_update, group["compile_kernels"])
+            fit_preconditioner(family, state, v, torch.where(keep, h, 0).to(dtype), group, keep, checked)
         if group["secant_pairs"]:
             param = plan.gather({p: p.detach() for p in plan.params}).to(dtype)
             fit_secant_pair(family, state, param, g.to(dtype), group, keep)
-        return family.precondition(state, direction)
+        return self._kernel(family.precondition, group["compile_kernels"])(state, direction)
+
+    def _kernel(self, function: Callable[..., Any], compiled: bool) -> Callable[..., Any]:
+        """``function``, or its ``torch.compile``d form (made once per function) where ``compiled``."""
+        if not compiled:
+            return function
+        if function not in self._compiled:
+            self._compiled[function] = torch.compile(function)
+        return self._compiled[function]
 
     # ----------------------------------------------------------------------------- state dict
 
