@@ -154,6 +154,16 @@ def test_load_state_dict_checks_shapes_families_and_finiteness(family: str) -> N
     assert "holds only update counters" in _one_line(error)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_step_without_any_gradient_changes_nothing(family: str) -> None:
+    layer = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    opt = PSGD(layer.parameters(), preconditioner=family)
+    opt.step()  # before any backward: no gradient anywhere
+    assert all(torch.equal(p, old) for p, old in zip(layer.parameters(), before))
+    assert not opt.state
+
+
 def test_a_refused_initialisation_leaves_no_half_made_state() -> None:
     p = nn.Parameter(torch.zeros(20))
     opt = PSGD([p], preconditioner="dense", max_dense_size=10)

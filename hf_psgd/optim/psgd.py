@@ -276,6 +276,8 @@ class PSGD(Optimizer):
         """``state["skipped_steps"] += 1`` where ``keep`` is false, for every block (one multi-tensor add
         on the device)."""
         counters = [self._init_state(plan)["skipped_steps"] for plan in plans]
+        if not counters:  # no gradient at all this step
+            return
         skipped = keep.logical_not().to(counters[0].device, torch.int64)
         torch._foreach_add_(counters, [skipped] * len(counters))  # tensor lists: no scalar read on the host
 
