@@ -102,6 +102,9 @@ def test_checkpoint_from_before_an_option_existed_resumes_with_its_saved_options
     saved = copy.deepcopy(opt.state_dict())
     for key in ("fit", "max_skew"):
         del saved["param_groups"][0][key]
+    old_state = saved["state"][0]  # 0.2.0 counted skips in an int and had no rejected_fits before a fit
+    old_state["skipped_steps"] = int(old_state["skipped_steps"])
+    rejected = int(old_state.pop("rejected_fits"))
     resumed = PSGD([x])
     resumed.load_state_dict(saved)
     group = resumed.param_groups[0]
@@ -110,6 +113,7 @@ def test_checkpoint_from_before_an_option_existed_resumes_with_its_saved_options
         x.grad, reference.grad = g.clone(), g.clone()
         resumed.step(), twin.step()
     assert torch.equal(x, reference)
+    assert resumed.state[x]["skipped_steps"] == 0 and resumed.state[x]["rejected_fits"] == rejected
 
 
 def test_state_dict_round_trip_preserves_values_and_dtypes() -> None:

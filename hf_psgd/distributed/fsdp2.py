@@ -117,7 +117,7 @@ class FullyShardedOwners(DataParallelOwners):
         dtype = reduce(torch.promote_types, [grads[p].dtype for p, _ in entries], torch.float32)
         received = self._all_to_all(
             [(owner, self.local(grads[p]).reshape(-1)) for p, owner in entries],
-            [(source, self._span(p, source)) for p in mine for source in range(self.world_size)],
+            [(source, self._numel(p, source)) for p in mine for source in range(self.world_size)],
             dtype,
         )
         pieces = iter(received)
@@ -137,10 +137,10 @@ class FullyShardedOwners(DataParallelOwners):
             if owner == self.rank:
                 flat = whole[p].reshape(-1)
                 for target in range(self.world_size):
-                    start, end = self._span(p, target, bounds=True)
+                    start, end = self._span(p, target)
                     sends.append((target, flat[start:end]))
         received = self._all_to_all(
-            sends, [(owner, self._span(p, self.rank)) for p, owner in entries], self.communication_dtype
+            sends, [(owner, self._numel(p, self.rank)) for p, owner in entries], self.communication_dtype
         )
         return {p: piece.view(self.local(p).shape) for (p, _), piece in zip(entries, received)}
 
@@ -149,17 +149,20 @@ class FullyShardedOwners(DataParallelOwners):
 
     # ----------------------------------------------------------------------------- shards
 
-    def _span(self, param: Tensor, rank: int, bounds: bool = False) -> Any:
-        """Rank ``rank``'s shard of ``param`` as the element range ``(start, end)`` of the flattened
-        tensor (``bounds``), else its number of elements."""
+    def _span(self, param: Tensor, rank: int) -> tuple[int, int]:
+        """Rank ``rank``'s shard of ``param`` as the element range ``(start, end)`` of the flattened tensor."""
         rows = param.shape[0]
         chunk = -(-rows // self.world_size)
         first, inner = min(rank * chunk, rows), param.numel() // max(rows, 1)
-        last = min(first + chunk, rows)
-        return (first * inner, last * inner) if bounds else (last - first) * inner
+        return first * inner, min(first + chunk, rows) * inner
+
+    def _numel(self, param: Tensor, rank: int) -> int:
+        """The number of elements of rank ``rank``'s shard of ``param``."""
+        start, end = self._span(param, rank)
+        return end - start
 
     def _check_layout(self, param: Tensor) -> None:
-        start, end = self._span(param, self.rank, bounds=True)
+        start, end = self._span(param, self.rank)
         shard = self.local(param)
         if shard.numel() != end - start or (shard.numel() and shard.shape[1:] != param.shape[1:]):
             rows = (end - start) // max(param.numel() // max(param.shape[0], 1), 1)

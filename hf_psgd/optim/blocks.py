@@ -73,8 +73,12 @@ class BlockPlan:
         """The block-shaped view of per-parameter tensors (zeros where one is missing)."""
         if len(self.params) == 1:
             return tensors[self.params[0]]
-        zeros = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for p in self.params if p not in tensors]
-        return torch.cat([tensors[p].reshape(-1) if p in tensors else zeros.pop(0) for p in self.params])
+        return torch.cat(
+            [
+                tensors[p].reshape(-1) if p in tensors else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                for p in self.params
+            ]
+        )
 
     def scatter(self, flat: Tensor) -> list[Tensor]:
         """A block-shaped tensor split back into per-parameter views."""
@@ -138,8 +142,7 @@ def block_statistics(blocks: Sequence[tuple[BlockPlan, Mapping[str, Any]]]) -> d
     updates, skipped, probability, scales, rejected = 0, 0, 0.0, [], []
     for plan, state in blocks:
         updates += state["precond_updates"]
-        if "rejected_fits" in state:
-            rejected.append(state["rejected_fits"])
+        rejected.append(state["rejected_fits"])
         skipped = max(skipped, int(state["skipped_steps"]))
         probability = max(probability, update_probability(plan.schedule, state["step"]))
         scales.append(plan.family.mean_diagonal(state))

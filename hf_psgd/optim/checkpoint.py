@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .blocks import BlockPlan, storage_dtype
 
-__all__ = ["check_loaded_state", "copy_to_device"]
+__all__ = ["check_loaded_state", "copy_to_device", "upgrade_loaded_state"]
 
 
 def copy_to_device(value: Any, device: torch.device) -> Any:
@@ -22,6 +22,17 @@ def copy_to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(copy_to_device(v, device) for v in value)
     return value
+
+
+def upgrade_loaded_state(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A block's loaded state in today's form: a state saved by hf_psgd 0.2.0 or older counts
+    ``skipped_steps`` in an int and, on the block's owner, has no ``rejected_fits`` until its first fit;
+    both are device tensors now (counted with no host sync)."""
+    if not isinstance(state.get("skipped_steps"), Tensor):
+        state["skipped_steps"] = torch.tensor(state.get("skipped_steps", 0), device=device)
+    if "precond_updates" in state and "rejected_fits" not in state:
+        state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=device)
+    return state
 
 
 def _shapes(value: Any) -> Any:

@@ -52,8 +52,6 @@ def checked_update(
     accepted = keep & raw_h.ne(0).any() & torch.stack([t.isfinite().all() for t in tensors]).all()
     for tensor, old in zip(tensors, saved):
         tensor.copy_(torch.where(accepted, tensor, old))
-    if "rejected_fits" not in state:  # a state saved by hf_psgd 0.2.0 or older
-        state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=accepted.device)
     state["rejected_fits"] += ~accepted
 
 

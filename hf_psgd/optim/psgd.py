@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .blocks import BlockPlan, block_statistics, plan_blocks, work_dtype
-from .checkpoint import check_loaded_state, copy_to_device
+from .checkpoint import check_loaded_state, copy_to_device, upgrade_loaded_state
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
 from .distribution import resolve_distribution
 from .fitting import checked_update, fit_preconditioner
@@ -363,7 +363,5 @@ class PSGD(Optimizer):
             if params[index] in plans:
                 check_loaded_state(plans[params[index]], value, index, owned=index in owned)
             value = self._distribution.keep_loaded(index in owned, value)
-            value = copy_to_device(value, params[index].device)
-            if not isinstance(value.get("skipped_steps"), Tensor):  # saved by hf_psgd 0.2.0 or older: an int
-                value["skipped_steps"] = torch.tensor(value.get("skipped_steps", 0), device=params[index].device)
-            self.state[params[index]] = value
+            device = params[index].device
+            self.state[params[index]] = upgrade_loaded_state(copy_to_device(value, device), device)
