@@ -13,7 +13,6 @@ The Jinja template is ``hf_psgd/templates/model_card.md`` (shipped with the pack
 from __future__ import annotations
 
 import math
-import re
 import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .integrations.arguments import is_psgd_optimizer_name, psgd_optimizer_kwargs
 from .optim import PSGD
@@ -47,7 +47,6 @@ _AUTO_CLASSES = {
     "sft": "AutoModelForCausalLM",
     "sequence_classification": "AutoModelForSequenceClassification",
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _PSGD_SHOWN = ("curvature", "precond_update_prob", "precond_lr", "momentum")
 _PSGD_DEFAULTS = {name: default for name, (default, _) in PSGD.option_specs().items()}
 _METRIC_LABELS = {"train_loss": "train_loss (mean over the run's steps)"}
@@ -57,7 +56,11 @@ def _hub_id(name: str | None) -> str | None:
     """``name`` if it reads as a Hub repository id (not a local path, ``module:function`` or built-in model)."""
     from .recipes.arguments import BUILTIN_MODELS  # here: the recipes package imports this module
 
-    if name is None or name in BUILTIN_MODELS or Path(name).exists() or not _HUB_ID.fullmatch(name):
+    if name is None or name in BUILTIN_MODELS or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return None
     return name
 
@@ -122,8 +125,9 @@ def _hyperparameter_rows(recipe: Recipe) -> list[tuple[str, str]]:
         ("max grad norm", f"{args.max_grad_norm:g}"),
         ("seed", str(args.seed)),
     ]
-    if recipe.model.use_lora:
-        targets = ", ".join(recipe.model.lora_target_modules)
+    if recipe.model.use_peft:
+        targets = recipe.model.lora_target_modules or "PEFT's default for the model"  # TRL: one name as a str
+        targets = targets if isinstance(targets, str) else ", ".join(targets)
         rows.append(("LoRA", f"r={recipe.model.lora_r}, alpha={recipe.model.lora_alpha}, targets: {targets}"))
     return rows
 
@@ -244,7 +248,7 @@ def _summary(recipe: Recipe, base_model: str | None, dataset: str | None) -> str
         source = f"the local dataset `{_local(data.dataset_name)}`"
     else:
         source = _files_text(recipe)
-    subject = f"LoRA adapters for {origin}" if model.use_lora else origin[0].upper() + origin[1:]
+    subject = f"LoRA adapters for {origin}" if model.use_peft else origin[0].upper() + origin[1:]
     return f"{subject}, task `{recipe.recipe.task}`, trained on {source} with the hf_psgd recipe `{recipe.path.name}`."
 
 
@@ -257,7 +261,7 @@ def build_model_card(
     """The card of a finished recipe run (see the module docstring). ``records`` are the loss-history
     records, ``loss_curve`` the image's path relative to the output directory."""
     model, data, task = recipe.model, recipe.data, recipe.recipe.task
-    adapter = model.use_lora
+    adapter = model.use_peft
     psgd = is_psgd_optimizer_name(recipe.optimizer)
     base_model = _hub_id(model.base_model) or _hub_id(model.model_name_or_path)
     dataset = _hub_id(data.dataset_name)

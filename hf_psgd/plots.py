@@ -22,7 +22,7 @@ def plot_loss_curves(
 ) -> Path:
     """Draw every run's ``loss`` (solid) and ``eval_loss`` (dashed, dots) against ``step`` (left) and
     ``seconds`` (right) into the PNG ``path``. ``runs`` maps a run's name to its records (dicts with
-    ``step``, ``seconds`` and ``loss`` and/or ``eval_loss``, as :class:`~hf_psgd.recipes.LossHistory`
+    ``step``, ``seconds`` and ``loss`` and/or ``eval_loss``, as :func:`~hf_psgd.recipes.runner.loss_records`
     records them). ``groups`` (run name -> group name, e.g. the optimizer of runs with several seeds)
     draws the runs of a group in one colour under one legend entry; by default every run is its own
     group."""

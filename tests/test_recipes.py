@@ -29,8 +29,8 @@ from transformers import BertConfig, BertForSequenceClassification, EvalPredicti
 
 from hf_psgd.cards import MODEL_CARD_TEMPLATE, build_model_card
 from hf_psgd.cli import main
-from hf_psgd.recipes import load_recipe
-from hf_psgd.recipes import metrics as bundled_metrics
+from hf_psgd.recipes import DataArguments, RecipeError, load_recipe
+from hf_psgd.recipes.data import load_splits
 from hf_psgd.recipes.models import resolve_model_path, train_tokenizer
 from hf_psgd.recipes.tasks import build_trainer
 
@@ -304,6 +304,25 @@ CODE_FOLDER = "HF_PSGD_TEST_CODE_FOLDER"
 MODEL_FUNCTION = f"{__name__}:model_folder_with_marker"
 
 
+MARKED_METRIC = """
+from pathlib import Path
+
+import datasets
+import evaluate
+
+Path({marker!r}).touch()
+
+
+class Accuracy(evaluate.Metric):
+    def _info(self):
+        features = datasets.Features({{"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}})
+        return evaluate.MetricInfo(description="accuracy", citation="", features=features)
+
+    def _compute(self, predictions, references):
+        return {{"accuracy": sum(p == r for p, r in zip(predictions, references)) / len(references)}}
+"""
+
+
 def model_folder_with_marker() -> str:
     """A ``module:function`` model: leaves ``model_function_ran`` in $HF_PSGD_TEST_CODE_FOLDER; its ``model``."""
     folder = Path(os.environ[CODE_FOLDER])
@@ -313,11 +332,9 @@ def model_folder_with_marker() -> str:
 
 def _code_recipe(folder: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Path:
     """A classification recipe (a tiny Llama from a config) in ``folder``, plus ``text``; next to it
-    ``marked_metric.py``, the bundled accuracy metric that leaves ``metric_ran`` in ``folder`` when run."""
+    ``marked_metric.py``, an evaluate accuracy metric module that leaves ``metric_ran`` in ``folder`` when run."""
     monkeypatch.setenv(CODE_FOLDER, str(folder))
-    accuracy = Path(bundled_metrics.__file__).with_name("accuracy.py").read_text()
-    marker = f"from pathlib import Path\nPath({str(folder / 'metric_ran')!r}).touch()\n"
-    (folder / "marked_metric.py").write_text(marker + accuracy)
+    (folder / "marked_metric.py").write_text(MARKED_METRIC.format(marker=str(folder / "metric_ran")))
     rows = [{"text": f"it was {word}", "label": int(word == "good")} for word in ("bad", "good") * 4]
     _write_jsonl(folder / "data.jsonl", rows)
     path = folder / "recipe.yaml"
@@ -332,8 +349,8 @@ def _code_recipe(folder: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Pa
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("metric", "marked_metric.py", "(accuracy, exact_match)"),
-        ("metric", "glue", "(accuracy, exact_match)"),  # a Hub metric is a Python script too
+        ("metric", "marked_metric.py", "an evaluate metric, which runs as Python code"),
+        ("metric", "glue", "an evaluate metric, which runs as Python code"),  # a Hub metric is a Python script
         ("model_name_or_path", MODEL_FUNCTION, "(all-MiniLM-L6-v2)"),
         ("tokenizer_name_or_path", MODEL_FUNCTION, "(all-MiniLM-L6-v2)"),
     ],
@@ -364,6 +381,18 @@ def test_allow_code_on_the_command_line_runs_the_metric_file_and_model_function(
     assert trainer.compute_metrics(EvalPrediction(np.eye(2), np.array([0, 0]))) == {"accuracy": 0.5}
 
 
+def test_test_split_named_must_exist_and_the_default_falls_back_to_validation(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "train.jsonl", [{"text": f"train {i}"} for i in range(20)])
+    _write_jsonl(tmp_path / "validation.jsonl", [{"text": "validation"}])
+    files = {"train_file": str(tmp_path / "train.jsonl"), "validation_file": str(tmp_path / "validation.jsonl")}
+    train, evaluation = load_splits(DataArguments(**files), seed=0)
+    assert (len(train), evaluation["text"]) == (20, ["validation"])
+    train, evaluation = load_splits(DataArguments(train_file=files["train_file"]), seed=0)  # 10% held out
+    assert (len(train), len(evaluation)) == (18, 2)
+    with pytest.raises(RecipeError, match="dataset_test_split: no split 'valid'; the dataset has train, validation"):
+        load_splits(DataArguments(**files, dataset_test_split="valid"), seed=0)
+
+
 def test_builtin_model_name_is_the_packaged_minilm() -> None:
     recipe = load_recipe(RECIPES / "text_classification.yaml")  # without --allow_code
     assert recipe.model.model_name_or_path == "all-MiniLM-L6-v2"
@@ -375,8 +404,8 @@ def test_builtin_model_name_is_the_packaged_minilm() -> None:
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_card_template_and_metric_modules(tmp_path: Path) -> None:
-    """A non-editable install finds the template and metrics: they are inside the package."""
+def test_wheel_ships_the_card_template(tmp_path: Path) -> None:
+    """A non-editable install finds the template: it is inside the package."""
     assert MODEL_CARD_TEMPLATE.is_relative_to(ROOT / "hf_psgd")
     subprocess.run(
         [
@@ -396,7 +425,7 @@ def test_wheel_ships_the_card_template_and_metric_modules(tmp_path: Path) -> Non
     )
     (wheel,) = tmp_path.glob("hf_psgd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"hf_psgd/templates/model_card.md", "hf_psgd/recipes/metrics/accuracy.py"} <= names
+    assert "hf_psgd/templates/model_card.md" in names
     assert any(name.endswith("entry_points.txt") for name in names)
 
 

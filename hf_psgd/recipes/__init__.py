@@ -4,13 +4,11 @@ optimizer, with a joint plot and a results table)."""
 
 from .arguments import DataArguments, ModelArguments, RecipeArguments
 from .errors import RecipeError
-from .history import LossHistory
 from .loading import Recipe, load_recipe, recipe_parser
-from .runner import RunResult, compare_recipe, format_comparison, train_recipe
+from .runner import RunResult, compare_recipe, format_comparison, loss_records, train_recipe
 
 __all__ = [
     "DataArguments",
-    "LossHistory",
     "ModelArguments",
     "Recipe",
     "RecipeArguments",
@@ -19,6 +17,7 @@ __all__ = [
     "compare_recipe",
     "format_comparison",
     "load_recipe",
+    "loss_records",
     "recipe_parser",
     "train_recipe",
 ]

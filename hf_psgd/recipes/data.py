@@ -13,6 +13,7 @@ from .errors import RecipeError, first_line
 
 __all__ = ["expand_data_files", "first_rows", "load_splits"]
 
+_DEFAULT_TEST_SPLIT = DataArguments.dataset_test_split
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -40,7 +41,7 @@ def _load_files(data: DataArguments) -> DatasetDict:
 
 def _load_named(data: DataArguments) -> DatasetDict:
     try:
-        return load_dataset(data.dataset_name, data.dataset_config_name)
+        return load_dataset(data.dataset_name, data.dataset_config)
     except (OSError, ValueError) as error:  # DatasetNotFoundError is a FileNotFoundError; offline: ConnectionError
         raise RecipeError("dataset_name", f"cannot load {data.dataset_name!r}: {first_line(error)}") from None
 
@@ -57,15 +58,16 @@ def first_rows(dataset: Dataset, count: int | None) -> Dataset:
 
 
 def load_splits(data: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
-    """``(train, eval)``. The evaluation split is ``eval_split``, else ``validation``, else ``test``,
-    else ``validation_split_percentage`` percent of the training rows (a seeded random hold-out)."""
+    """``(train, eval)``: the ``dataset_train_split`` and the ``dataset_test_split``; at its default
+    (``test``), a data set without a test split is evaluated on its ``validation`` split (local
+    ``validation_file``), else on ``validation_split_percentage`` percent of the training rows (a
+    seeded random hold-out)."""
     splits = _load_named(data) if data.dataset_name else _load_files(data)
-    train = _split(splits, "train_split", data.train_split)
-    if data.eval_split is not None:
-        evaluation = _split(splits, "eval_split", data.eval_split)
-    elif "validation" in splits or "test" in splits:
-        evaluation = splits["validation" if "validation" in splits else "test"]
-    else:
-        held_out = train.train_test_split(test_size=data.validation_split_percentage / 100, seed=seed)
-        train, evaluation = held_out["train"], held_out["test"]
-    return train, evaluation
+    train = _split(splits, "dataset_train_split", data.dataset_train_split)
+    if data.dataset_test_split != _DEFAULT_TEST_SPLIT:
+        return train, _split(splits, "dataset_test_split", data.dataset_test_split)
+    name = next((name for name in (_DEFAULT_TEST_SPLIT, "validation") if name in splits), None)
+    if name is not None:
+        return train, splits[name]
+    held_out = train.train_test_split(test_size=data.validation_split_percentage / 100, seed=seed)
+    return held_out["train"], held_out["test"]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import evaluate
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..integrations.trl import PSGDSFTTrainer
 
-__all__ = ["ExactMatchSFTTrainer", "ExactMatchTrainerMixin", "GeneratedExactMatch", "extract_answer"]
+__all__ = ["ExactMatchSFTTrainer", "ExactMatchTrainerMixin", "GeneratedExactMatch", "exact_match", "extract_answer"]
 
 
 def extract_answer(text: str, pattern: re.Pattern[str] | None) -> str:
@@ -24,14 +23,21 @@ def extract_answer(text: str, pattern: re.Pattern[str] | None) -> str:
     return match.group(1).strip() if match else ""
 
 
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """The fraction of answers equal to their reference, surrounding whitespace ignored."""
+    matches = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    return {"exact_match": matches / len(references) if references else 0.0}
+
+
 class GeneratedExactMatch:
-    """Scores a model: greedy answers to ``prompts`` against ``references`` with an exact-match metric."""
+    """Scores a model: greedy answers to ``prompts`` against ``references`` with ``metric(predictions=,
+    references=)`` (:func:`exact_match`, or an evaluate metric's ``compute``)."""
 
     def __init__(
         self,
         prompts: Sequence[str],
         references: Sequence[str],
-        metric: evaluate.EvaluationModule,
+        metric: Callable[..., dict[str, float]] = exact_match,
         answer_pattern: str | None = None,
         max_new_tokens: int = 16,
         batch_size: int = 32,
@@ -72,7 +78,7 @@ class GeneratedExactMatch:
             predictions = [extract_answer(text, self.pattern) for text in self.generate(model, tokenizer)]
         finally:
             model.train(was_training)
-        return self.metric.compute(predictions=predictions, references=self.references)
+        return self.metric(predictions=predictions, references=self.references)
 
 
 class ExactMatchTrainerMixin:

@@ -2,20 +2,18 @@
 
 A recipe key is any field of :class:`~.arguments.RecipeArguments`, :class:`~.arguments.ModelArguments`,
 :class:`~.arguments.DataArguments` and the training arguments (``PSGDTrainingArguments``, or
-``PSGDSFTConfig`` for ``task: sft``). YAML values are converted exactly as ``HfArgumentParser``
-converts the same option typed on the command line (``learning_rate: 3e-3`` and
-``--learning_rate 3e-3`` are the same); command-line options come after the file and win.
-In the file, relative data paths (``train_file``, ``validation_file``) are relative to the
-recipe's folder, and so are model, tokenizer, dataset and metric paths that exist there.
+``PSGDSFTConfig`` for ``task: sft``), parsed by TRL's ``TrlParser``: the file's values become the
+parser's defaults, converted as the same option typed on the command line would be, and
+command-line options win. Relative data paths (``train_file``, ``validation_file``) are relative to
+the recipe's folder, and so are model, tokenizer, dataset and metric paths that exist there.
 
 Half precision from the recipe file (``bf16: true``, or TRL's default for ``task: sft``) applies only
-where training runs on an accelerator with bf16: a CPU run (no such accelerator, or ``use_cpu``)
-trains in fp32 and says so in one line. ``--bf16 true`` on the command line is passed on as given
-(transformers then decides: bf16 autocast with ``--use_cpu true``, else its error).
+where training runs on an accelerator with bf16: a CPU run trains in fp32 and says so in one line;
+``--bf16 true`` on the command line is passed on as given.
 
 A recipe runs no code of its own unless ``--allow_code`` is given on the command line (a recipe file
-cannot set it): without it, a metric that is not bundled and a ``module:function`` model or tokenizer
-are refused before anything is loaded.
+cannot set it): without it an evaluate ``metric`` and a ``module:function`` model or tokenizer are
+refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -32,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+from trl import TrlParser
 
 from ..integrations.arguments import PSGDTrainingArguments, psgd_optimizer_names
-from .arguments import BUILTIN_MODELS, TASKS, DataArguments, ModelArguments, RecipeArguments, parse_learning_rates
+from .arguments import BUILTIN_MODELS, TASKS, DataArguments, ModelArguments, RecipeArguments
 from .errors import RecipeError
-from .metrics import BUNDLED_METRICS
 from .models import is_function_path
 
 __all__ = ["COMMAND_LINE", "Recipe", "load_recipe", "optimizer_names", "recipe_parser"]
@@ -47,9 +45,14 @@ __all__ = ["COMMAND_LINE", "Recipe", "load_recipe", "optimizer_names", "recipe_p
 COMMAND_LINE = "command line"
 _RECIPE_RELATIVE_FILES = ("train_file", "validation_file")
 _RECIPE_RELATIVE_IF_PRESENT = ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "metric")
-_ALLOW_CODE = "allow_code"
-_ALLOW_CODE_HINT = f"pass --{_ALLOW_CODE} on the command line to run it"
-_BF16_KEYS = ("bf16", "bf16_full_eval")
+#: Keys of hf_psgd 0.2 that TRL's configs name differently.
+_RENAMED = {
+    "use_lora": "use_peft",
+    "dataset_config_name": "dataset_config",
+    "train_split": "dataset_train_split",
+    "eval_split": "dataset_test_split",
+}
+_ALLOW_CODE_HINT = "pass --allow_code on the command line to run it"
 logger = logging.getLogger(__name__)
 
 
@@ -58,25 +61,20 @@ def optimizer_names() -> list[str]:
     return psgd_optimizer_names() + [name.value for name in OptimizerNames]
 
 
-def _training_arguments_class(task: str) -> type[TrainingArguments]:
-    if task == "sft":
-        from ..integrations.trl import PSGDSFTConfig  # TRL is only needed for sft recipes
-
-        return PSGDSFTConfig
-    return PSGDTrainingArguments
-
-
-class _RecipeParser(HfArgumentParser):
-    """``HfArgumentParser`` that raises instead of printing usage and exiting."""
+class _RecipeParser(TrlParser):
+    """``TrlParser`` that raises instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise argparse.ArgumentError(None, message)
 
 
-def recipe_parser(task: str, prog: str = "hf-psgd train RECIPE") -> HfArgumentParser:
-    """The parser of every recipe key for ``task`` (its ``--help`` lists them)."""
-    types = (RecipeArguments, ModelArguments, DataArguments, _training_arguments_class(task))
-    return _RecipeParser(types, prog=prog, allow_abbrev=False)
+def recipe_parser(task: str, prog: str = "hf-psgd train RECIPE") -> TrlParser:
+    """The parser of every recipe key for ``task``."""
+    if task == "sft":
+        from ..integrations.trl import PSGDSFTConfig as training  # TRL's trainer only for sft recipes
+    else:
+        training = PSGDTrainingArguments
+    return _RecipeParser((RecipeArguments, ModelArguments, DataArguments, training), prog=prog, allow_abbrev=False)
 
 
 @dataclasses.dataclass
@@ -118,115 +116,107 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     Raises :class:`RecipeError` naming the key and the file (or the command line) for an unknown
     key, a bad value, a missing recipe file, or code the recipe would run without ``--allow_code``.
     """
-    path = Path(path)
-    values = _read_yaml(path)
-    overrides = list(overrides)
-    early = _parse_early_options(overrides)
-    parser = recipe_parser(_task(values, early, path))
+    path, overrides = Path(path), list(overrides)
+    values = read_yaml(path)
+    task = _option_value(overrides, "task") or values.get("task", RecipeArguments.task)
+    if task not in TASKS:
+        where = COMMAND_LINE if _option_value(overrides, "task") else str(path)
+        raise RecipeError("task", f"{task!r} is invalid: expected one of {', '.join(TASKS)}", where)
+    parser = recipe_parser(task)
     fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
-    _check_known_keys(values, fields, path)
-    _apply_learning_rates(values, early, path)
+    _check_keys(values, fields, path)
     _resolve_recipe_paths(values, path.parent)
-
-    namespace = _parse(parser, _yaml_to_argv(values), argparse.Namespace(), str(path), fields)
-    for key, value in values.items():
-        if value is None:
-            setattr(namespace, key, None)
-    namespace = _parse(parser, overrides, namespace, COMMAND_LINE, fields)
     overridden = frozenset(_option_keys(overrides, fields))
+    given = _Given(set(values) | overridden, overridden, str(path))
+    parser.set_defaults_with_config(**{key: _as_text(value) for key, value in values.items()})
+    namespace = _parse(parser, overrides, fields, given)
     _bf16_where_supported(namespace, overridden, path)
-    built = []
-    for dtype in parser.dataclass_types:
-        inputs = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init}
-        try:
-            built.append(dtype(**inputs))
-        except ValueError as error:
-            key = _mentioned_key(str(error), set(values) | overridden) or "value"
-            source = COMMAND_LINE if key in overridden else str(path)
-            raise RecipeError(key, str(error).removeprefix(f"{key}: "), source) from None
-    recipe_args, model_args, data_args, training_args = built
+    if namespace.optim not in optimizer_names():
+        message = f"{namespace.optim!r} is not an optimizer; choose one of {', '.join(optimizer_names())}"
+        raise RecipeError("optim", message, given.source("optim"))
+    recipe_args, model_args, data_args = (given.build(dtype, namespace) for dtype in parser.dataclass_types[:3])
+    if namespace.optim in recipe_args.learning_rates and "learning_rate" not in overridden:
+        namespace.learning_rate = recipe_args.learning_rates[namespace.optim]
+    training_args = given.build(parser.dataclass_types[3], namespace)
     recipe = Recipe(path, overrides, recipe_args, model_args, data_args, training_args, overridden)
     if not recipe_args.allow_code:
         _refuse_code(recipe)
     return recipe
 
 
-def _task(values: dict[str, Any], early: argparse.Namespace, path: Path) -> str:
-    task = early.task if early.task is not None else values.get("task", RecipeArguments.task)
-    if task not in TASKS:
-        source = COMMAND_LINE if early.task is not None else str(path)
-        raise RecipeError("task", f"{task!r} is invalid: expected one of {', '.join(TASKS)}", source)
-    return task
+@dataclasses.dataclass
+class _Given:
+    """The keys a recipe run sets (file or command line) and where each came from."""
+
+    keys: set[str]
+    overridden: frozenset[str]
+    path: str
+
+    def source(self, key: str) -> str:
+        return COMMAND_LINE if key in self.overridden else self.path
+
+    def build(self, dtype: type, namespace: argparse.Namespace) -> Any:
+        """``dtype`` from the parsed values; a ``ValueError`` of its checks becomes a ``RecipeError``
+        naming the longest given key in its message."""
+        try:
+            return dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
+        except ValueError as error:
+            named = [key for key in self.keys if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", str(error))]
+            key = max(named, key=len) if named else "value"
+            raise RecipeError(key, str(error).removeprefix(f"{key}: "), self.source(key)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The recipe file's mapping of keys to values."""
     if not path.is_file():
         raise RecipeError("recipe", f"file not found: {path}", COMMAND_LINE)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise RecipeError("recipe", f"not valid YAML: {' '.join(str(error).split())}", str(path)) from None
-    if values is None:
-        return {}
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
         raise RecipeError("recipe", "expected a mapping of keys to values at the top level", str(path))
     return values
 
 
-def _parse_early_options(overrides: list[str]) -> argparse.Namespace:
-    """The command-line options that decide how the rest is parsed."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for option in ("--task", "--optim", "--learning_rate", "--learning_rates"):
-        parser.add_argument(option)
-    try:
-        return parser.parse_known_args(overrides)[0]
-    except argparse.ArgumentError:  # e.g. "--task" without a value: the full parse reports it
-        return parser.parse_known_args([])[0]
+def _option_value(overrides: list[str], key: str) -> str | None:
+    """The last value of ``--key value`` or ``--key=value`` in ``overrides``."""
+    value = None
+    for index, item in enumerate(overrides):
+        if item == f"--{key}" and index + 1 < len(overrides):
+            value = overrides[index + 1]
+        elif item.startswith(f"--{key}="):
+            value = item.partition("=")[2]
+    return value
 
 
-def _check_known_keys(values: dict[str, Any], fields: set[str], path: Path) -> None:
-    for key in values:
-        if key == _ALLOW_CODE:
-            raise RecipeError(
-                key,
-                f"command-line only: a recipe cannot allow itself to run code; pass --{_ALLOW_CODE} on the command "
-                "line instead",
-                str(path),
-            )
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(
-                key,
-                f"unknown key{hint}; keys are the fields of ModelArguments, DataArguments, RecipeArguments and the "
-                "training arguments (`hf-psgd train RECIPE --help` lists them)",
-                str(path),
-            )
+def _hint(key: str, fields: set[str], form: str) -> str:
+    """What to add to "unknown key": its new name, or the closest known key written as ``form``."""
+    if key in _RENAMED:
+        return f" (renamed to {form.format(_RENAMED[key])}, TRL's name)"
+    close = difflib.get_close_matches(key, fields, n=1)
+    return f" (did you mean {form.format(close[0])}?)" if close else ""
 
 
-def _apply_learning_rates(values: dict[str, Any], early: argparse.Namespace, path: Path) -> None:
-    """``learning_rates[optim]`` becomes the learning rate, unless ``--learning_rate`` was given."""
-    source = COMMAND_LINE if early.learning_rates is not None else str(path)
-    try:
-        rates = parse_learning_rates(early.learning_rates if source == COMMAND_LINE else values.get("learning_rates"))
-    except ValueError as error:
-        raise RecipeError("learning_rates", str(error).removeprefix("learning_rates: "), source) from None
-    optim = early.optim if early.optim is not None else values.get("optim")
-    if optim is not None and optim not in optimizer_names():
+def _check_keys(values: dict[str, Any], fields: set[str], path: Path) -> None:
+    if "allow_code" in values:
         raise RecipeError(
-            "optim",
-            f"{optim!r} is not an optimizer; choose one of {', '.join(optimizer_names())}",
-            COMMAND_LINE if early.optim is not None else str(path),
+            "allow_code",
+            "command-line only: a recipe cannot allow itself to run code; pass --allow_code on the command line "
+            "instead",
+            str(path),
         )
-    if optim in rates and early.learning_rate is None:
-        values["learning_rate"] = rates[optim]
+    for key in values:
+        if key not in fields:
+            hint = _hint(key, fields, "{!r}")
+            raise RecipeError(key, f"unknown key{hint}; `hf-psgd train RECIPE --help` lists the keys", str(path))
 
 
 def _bf16_where_supported(namespace: argparse.Namespace, overridden: frozenset[str], path: Path) -> None:
     """bf16 that the command line did not ask for becomes fp32 on a CPU run, with one line saying so."""
     if not namespace.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available()):
         return
-    for key in _BF16_KEYS:
+    for key in ("bf16", "bf16_full_eval"):
         wanted = getattr(namespace, key, False)  # None: TRL's default, bf16 unless fp16
         if key not in overridden and (wanted or (wanted is None and not namespace.fp16)):
             setattr(namespace, key, False)
@@ -237,15 +227,12 @@ def _bf16_where_supported(namespace: argparse.Namespace, overridden: frozenset[s
 
 
 def _refuse_code(recipe: Recipe) -> None:
-    """A metric that is not bundled (evaluate runs a metric file or Hub metric as Python) and a
-    ``module:function`` model or tokenizer (a call) are code: refused (the recipe lacks ``--allow_code``)."""
+    """An evaluate ``metric`` (a metric file or Hub metric is Python that evaluate runs) and a
+    ``module:function`` model or tokenizer (a call) are code: refused without ``--allow_code``."""
     metric = recipe.data.metric
-    if metric is not None and metric not in BUNDLED_METRICS:
-        message = (
-            f"{metric!r} is not a bundled metric ({', '.join(BUNDLED_METRICS)}): evaluate would run it as Python "
-            f"code; {_ALLOW_CODE_HINT}"
-        )
-        raise recipe.locate(RecipeError("metric", message))
+    if metric is not None:
+        message = f"{metric!r} is an evaluate metric, which runs as Python code (the defaults need none); "
+        raise recipe.locate(RecipeError("metric", message + _ALLOW_CODE_HINT))
     for key in ("model_name_or_path", "tokenizer_name_or_path"):
         name = getattr(recipe.model, key)
         if name is not None and is_function_path(name):
@@ -267,58 +254,40 @@ def _resolve_recipe_paths(values: dict[str, Any], folder: Path) -> None:
             values[key] = str(folder / value)
 
 
-def _yaml_to_argv(values: dict[str, Any]) -> list[str]:
-    """The command line that sets ``values`` (``None`` values are set directly, not through argparse)."""
-    argv: list[str] = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            argv += [f"--{key}", *(_as_text(item) for item in value)]
-        else:
-            argv.append(f"--{key}={_as_text(value)}")
-    return argv
-
-
-def _as_text(value: Any) -> str:
+def _as_text(value: Any) -> Any:
+    """A YAML value as the command line would give it (argparse converts a text default with the
+    option's type); lists item by item, ``None`` as is."""
+    if isinstance(value, list):
+        return [_as_text(item) for item in value]
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (dict, list)):
+    if isinstance(value, dict):
         return json.dumps(value)
-    return str(value)
+    return value if value is None else str(value)
 
 
-def _parse(
-    parser: HfArgumentParser, argv: list[str], namespace: argparse.Namespace, source: str, fields: set[str]
-) -> argparse.Namespace:
+def _parse(parser: TrlParser, overrides: list[str], fields: set[str], given: _Given) -> argparse.Namespace:
     try:
-        namespace, unknown = parser.parse_known_args(argv, namespace=namespace)
+        namespace, unknown = parser.parse_known_args(overrides)
     except argparse.ArgumentError as error:
-        message = str(error)
-        match = re.match(r"argument --(\w+)(?:/[-\w]+)*: (.*)", message, re.DOTALL)
-        if match:
-            raise RecipeError(match.group(1), match.group(2), source) from None
-        raise RecipeError("value", message, source) from None
+        match = re.match(r"argument --(\w+)(?:/[-\w]+)*: (.*)", str(error), re.DOTALL)
+        key, message = match.groups() if match else ("value", str(error))
+        raise RecipeError(key, message, given.source(key)) from None
     if unknown:
         option = next((item for item in unknown if item.startswith("-")), unknown[0])
         key = option.lstrip("-").partition("=")[0]
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f" (did you mean --{close[0]}?)" if close else ""
-        raise RecipeError(key, f"unknown option {option!r}{hint}", source)
+        raise RecipeError(key, f"unknown option {option!r}{_hint(key, fields, '--{}')}", COMMAND_LINE)
+    for action in parser._actions:  # argparse checks the choices of command-line values only
+        value = getattr(namespace, action.dest, None)
+        if action.choices and action.dest in given.keys and value is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise RecipeError(
+                action.dest, f"invalid choice: {value!r} (choose from {choices})", given.source(action.dest)
+            )
     return namespace
 
 
 def _option_keys(overrides: list[str], fields: set[str]) -> list[str]:
     """The recipe keys that command-line ``overrides`` set (``--no_x`` sets ``x``)."""
-    keys = []
-    for item in overrides:
-        if item.startswith("--"):
-            key = item[2:].partition("=")[0].replace("-", "_")
-            keys.append(key[3:] if key not in fields and key.startswith("no_") and key[3:] in fields else key)
-    return keys
-
-
-def _mentioned_key(message: str, keys: set[str]) -> str | None:
-    """The longest recipe key named in an error message, if any."""
-    named = [key for key in keys if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", message)]
-    return max(named, key=len) if named else None
+    keys = [item[2:].partition("=")[0].replace("-", "_") for item in overrides if item.startswith("--")]
+    return [key[3:] if key not in fields and key.startswith("no_") and key[3:] in fields else key for key in keys]

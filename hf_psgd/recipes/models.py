@@ -7,7 +7,7 @@ import importlib
 import re
 from collections.abc import Iterable
 
-from peft import LoraConfig, TaskType
+from peft import PeftConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
@@ -18,11 +18,12 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from trl import get_peft_config, get_quantization_config
 
 from .arguments import BUILTIN_MODELS, ModelArguments
 from .errors import RecipeError, first_line
 
-__all__ = ["is_function_path", "load_model", "load_tokenizer", "lora_config", "resolve_model_path", "train_tokenizer"]
+__all__ = ["is_function_path", "load_model", "load_tokenizer", "peft_config", "resolve_model_path", "train_tokenizer"]
 
 _PROVIDER = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 _PAD, _EOS = "<pad>", "<eos>"
@@ -88,21 +89,22 @@ def load_tokenizer(arguments: ModelArguments, training_texts: Iterable[str]) -> 
 def load_model(
     arguments: ModelArguments, task: str, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None
 ) -> PreTrainedModel:
-    """``model_name_or_path`` from_pretrained for ``task``, or a new ``model_type`` model whose config
-    takes ``config_overrides`` and the tokenizer's vocabulary size and special tokens."""
+    """``model_name_or_path`` from_pretrained for ``task`` (with TRL's revision, dtype, attention and
+    quantization settings), or a new ``model_type`` model whose config takes ``config_overrides`` and
+    the tokenizer's vocabulary size and special tokens."""
     auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
-    options = {"num_labels": num_labels} if num_labels is not None else {}
-    if arguments.attn_implementation:
-        options["attn_implementation"] = arguments.attn_implementation
+    options = {"dtype": arguments.dtype, "attn_implementation": arguments.attn_implementation}
     if arguments.model_name_or_path:
         name = arguments.model_name_or_path
+        options.update(quantization_config=get_quantization_config(arguments))
+        options.update({"num_labels": num_labels} if num_labels is not None else {})
         try:
-            model = auto.from_pretrained(resolve_model_path("model_name_or_path", name), **options)
+            path = resolve_model_path("model_name_or_path", name)
+            model = auto.from_pretrained(path, revision=arguments.model_revision, **options)
         except (OSError, ValueError) as error:
             raise RecipeError("model_name_or_path", f"cannot load {name!r}: {first_line(error)}") from None
     else:
-        config = _new_config(arguments, tokenizer, options.pop("num_labels", None))
-        model = auto.from_config(config, **options)
+        model = auto.from_config(_new_config(arguments, tokenizer, num_labels), **options)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -123,16 +125,10 @@ def _new_config(arguments: ModelArguments, tokenizer: PreTrainedTokenizerBase, n
     return AutoConfig.for_model(arguments.model_type, vocab_size=len(tokenizer), **special, **extra, **overrides)
 
 
-def lora_config(arguments: ModelArguments, task: str) -> LoraConfig | None:
-    """The LoRA adapters a recipe asks for (``use_lora``), else ``None``."""
-    if not arguments.use_lora:
-        return None
-    targets = arguments.lora_target_modules
-    return LoraConfig(
-        r=arguments.lora_r,
-        lora_alpha=arguments.lora_alpha,
-        lora_dropout=arguments.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        modules_to_save=arguments.lora_modules_to_save,
-        task_type=TaskType.SEQ_CLS if task == "sequence_classification" else TaskType.CAUSAL_LM,
-    )
+def peft_config(arguments: ModelArguments, task: str) -> PeftConfig | None:
+    """TRL's LoRA config of a recipe with ``use_peft`` (else ``None``); a classification task's
+    adapters get the ``SEQ_CLS`` task type unless ``lora_task_type`` says otherwise."""
+    config = get_peft_config(arguments)
+    if config is not None and task == "sequence_classification" and arguments.lora_task_type == "CAUSAL_LM":
+        config.task_type = "SEQ_CLS"
+    return config

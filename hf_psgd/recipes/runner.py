@@ -7,21 +7,22 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from transformers import Trainer, set_seed
+from transformers import TrainerCallback, set_seed
 
 from ..cards import write_model_card
 from ..plots import plot_loss_curves
 from .errors import RecipeError
-from .history import LossHistory
 from .hub import check_hub
 from .loading import COMMAND_LINE, Recipe, load_recipe, optimizer_names
 from .tasks import build_trainer
 
-__all__ = ["RunResult", "compare_recipe", "format_comparison", "train_recipe"]
+__all__ = ["RunResult", "TrainingTime", "compare_recipe", "format_comparison", "loss_records", "train_recipe"]
 
 LOSS_CURVE = "loss_curve.png"
 HISTORY = "loss_history.json"
@@ -30,12 +31,40 @@ COMPARE_SUFFIX = "_compare"
 _COLUMNS = {"train_loss": "train loss (run mean)", "eval_loss": "eval loss"}
 #: TRL's evaluation bookkeeping, left out of the final metrics (it stays in the loss history).
 _BOOKKEEPING = ("eval_num_tokens", "eval_entropy")
+_SPEED_SUFFIXES = ("_runtime", "_per_second")
+
+
+class TrainingTime(TrainerCallback):
+    """Adds ``seconds`` to every ``trainer.state.log_history`` entry: the time spent in optimizer steps
+    (forward, backward, optimizer) so far; evaluation, checkpointing and start-up left out, so that
+    runs compare by training cost."""
+
+    def __init__(self) -> None:
+        self.seconds, self._started = 0.0, 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        state.log_history[-1]["seconds"] = self.seconds
+
+
+def loss_records(log_history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The entries of ``trainer.state.log_history`` with a training or evaluation loss, speed figures left out."""
+    return [
+        {key: value for key, value in entry.items() if not key.endswith(_SPEED_SUFFIXES)}
+        for entry in log_history
+        if "loss" in entry or "eval_loss" in entry
+    ]
 
 
 @dataclass
 class RunResult:
     """What one run leaves behind: final metrics (``train_loss``, ``eval_*``, ``train_seconds``,
-    ``processes``) and the loss history (see :class:`~.history.LossHistory`)."""
+    ``processes``) and the loss history (see :func:`loss_records`)."""
 
     name: str
     output_dir: Path
@@ -55,41 +84,35 @@ def train_recipe(recipe: Recipe) -> RunResult:
         trainer = build_trainer(recipe)
     except RecipeError as error:
         raise recipe.locate(error) from None
-    history = LossHistory()
-    trainer.add_callback(history)
+    timer = TrainingTime()
+    trainer.add_callback(timer)
     train_metrics = trainer.train().metrics
-    last_eval = history.last_eval()
-    if last_eval is None or last_eval["step"] != trainer.state.global_step:
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if not evaluations or evaluations[-1]["step"] != trainer.state.global_step:
         trainer.evaluate()
-    eval_metrics = {
-        key: value for key, value in history.last_eval().items() if key.startswith("eval_") and key not in _BOOKKEEPING
-    }
-    if recipe.recipe.task == "causal_lm":
-        eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
+    records = loss_records(trainer.state.log_history)
+    last_eval = next(record for record in reversed(records) if "eval_loss" in record)
     metrics = {
         "train_loss": train_metrics["train_loss"],
-        **eval_metrics,
-        "train_seconds": history.train_seconds,
-        "processes": trainer.accelerator.num_processes,
+        **{key: value for key, value in last_eval.items() if key.startswith("eval_") and key not in _BOOKKEEPING},
     }
+    if recipe.recipe.task == "causal_lm":
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    metrics.update(train_seconds=timer.seconds, processes=trainer.accelerator.num_processes)
     trainer.save_model()
     if trainer.is_world_process_zero():
-        _write_outputs(recipe, trainer, metrics, history)
+        output = Path(recipe.training.output_dir)
+        (output / HISTORY).write_text(json.dumps({"metrics": metrics, "records": records}, indent=1))
+        plot_loss_curves({recipe.optimizer: records}, output / LOSS_CURVE, title=recipe.path.name)
+        write_model_card(recipe, metrics, records, loss_curve=LOSS_CURVE)
     return RunResult(
-        name=recipe.optimizer,
-        output_dir=Path(recipe.training.output_dir),
-        learning_rate=recipe.training.learning_rate,
-        seed=recipe.training.seed,
-        metrics=metrics,
-        records=history.records,
+        recipe.optimizer,
+        Path(recipe.training.output_dir),
+        recipe.training.learning_rate,
+        recipe.training.seed,
+        metrics,
+        records,
     )
-
-
-def _write_outputs(recipe: Recipe, trainer: Trainer, metrics: dict[str, float], history: LossHistory) -> None:
-    output = Path(recipe.training.output_dir)
-    (output / HISTORY).write_text(json.dumps({"metrics": metrics, "records": history.records}, indent=1))
-    plot_loss_curves({recipe.optimizer: history.records}, output / LOSS_CURVE, title=recipe.path.name)
-    write_model_card(recipe, metrics, history.records, loss_curve=LOSS_CURVE)
 
 
 def compare_recipe(

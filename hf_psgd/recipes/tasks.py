@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset
 from peft import get_peft_model
 from transformers import (
@@ -32,10 +33,26 @@ from ..integrations.trainer import PSGDTrainer
 from .data import first_rows, load_splits
 from .errors import RecipeError
 from .loading import Recipe
-from .metrics import load_metric
-from .models import load_model, load_tokenizer, lora_config
+from .models import load_model, load_tokenizer, peft_config
 
-__all__ = ["build_trainer"]
+__all__ = ["accuracy", "build_trainer", "evaluation_metric"]
+
+Metric = Callable[..., dict[str, float]]
+
+
+def accuracy(predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
+    """The fraction of predicted labels equal to the references."""
+    return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
+
+
+def evaluation_metric(name: str | None, default: Metric) -> Metric:
+    """``evaluate.load(name).compute`` (a Hub metric or metric file: code), else ``default``; both
+    called as ``metric(predictions=..., references=...)``."""
+    if name is None:
+        return default
+    import evaluate
+
+    return evaluate.load(name).compute
 
 
 def build_trainer(recipe: Recipe) -> Trainer:
@@ -61,13 +78,15 @@ def _new_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, num_labels: i
     """The task's model. A model built from a config that gets LoRA adapters is saved first to
     ``<output_dir>/base_model``: the adapters are useless without the (random) base they were trained on."""
     model = load_model(recipe.model, recipe.recipe.task, tokenizer, num_labels)
-    if recipe.model.use_lora and recipe.model.model_name_or_path is None and recipe.training.should_save:
+    if recipe.data.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers left out of the broadcast
+        model._ddp_params_and_buffers_to_ignore = [name for name, b in model.named_buffers() if b.dtype == torch.bool]
+    if recipe.model.use_peft and recipe.model.model_name_or_path is None and recipe.training.should_save:
         model.save_pretrained(Path(recipe.training.output_dir) / BASE_MODEL_FOLDER)
     return model
 
 
 def _peft_wrapped(recipe: Recipe, model: Any) -> Any:
-    config = lora_config(recipe.model, recipe.recipe.task)
+    config = peft_config(recipe.model, recipe.recipe.task)
     return model if config is None else get_peft_model(model, config)
 
 
@@ -142,11 +161,11 @@ def _sequence_classification(recipe: Recipe, train: Dataset, evaluation: Dataset
             first_rows(split, count).map(tokenize, batched=True, remove_columns=split.column_names, desc="tokenize")
             for split, count in ((train, data.max_train_samples), (evaluation, data.max_eval_samples))
         )
-    metric = load_metric(data.metric or "accuracy")
+    metric = evaluation_metric(data.metric, accuracy)
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
+        return metric(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
 
     return PSGDTrainer(
         model=model,
@@ -163,7 +182,7 @@ def _sequence_classification(recipe: Recipe, train: Dataset, evaluation: Dataset
 
 
 def _sft(recipe: Recipe, train: Dataset, evaluation: Dataset) -> Trainer:
-    from .exact_match import ExactMatchSFTTrainer, GeneratedExactMatch  # imports TRL, needed for sft only
+    from .exact_match import ExactMatchSFTTrainer, GeneratedExactMatch, exact_match  # imports TRL: sft only
 
     data = recipe.data
     columns = {"prompt_column": data.prompt_column, "completion_column": data.completion_column}
@@ -183,7 +202,7 @@ def _sft(recipe: Recipe, train: Dataset, evaluation: Dataset) -> Trainer:
     exact_match = GeneratedExactMatch(
         evaluation["prompt"],
         evaluation["completion"],
-        load_metric(data.metric or "exact_match"),
+        evaluation_metric(data.metric, exact_match),
         answer_pattern=data.answer_pattern,
         max_new_tokens=data.max_new_tokens,
         batch_size=recipe.training.per_device_eval_batch_size,
@@ -194,6 +213,6 @@ def _sft(recipe: Recipe, train: Dataset, evaluation: Dataset) -> Trainer:
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=lora_config(recipe.model, "sft"),
+        peft_config=peft_config(recipe.model, "sft"),
         exact_match=exact_match,
     )

@@ -1,8 +1,8 @@
 """``hf-psgd train RECIPE --help``: the keys of one recipe, with the recipe's own values as defaults.
 
 The optimizer's and the recipe's keys come first, then the model and data keys, then the training
-arguments that the recipe sets; the other ``TrainingArguments`` fields (well over a hundred) are
-accepted too, and the help points to their documentation instead of listing them.
+arguments that the recipe sets. The rest (TRL's quantization and rarer LoRA keys, well over a
+hundred ``TrainingArguments``) are accepted too; the help names or links them instead of listing them.
 """
 
 from __future__ import annotations
@@ -17,20 +17,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .loading import _read_yaml, load_recipe
+from .loading import load_recipe, read_yaml
 
 __all__ = ["recipe_help"]
 
-TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
-SFT_CONFIG_DOCS = "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig"
-_OPTIMIZER_KEYS = ("optim", "optim_args", "learning_rate", "learning_rates")
+_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+_SFT_DOCS = "https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig"
+_OPTIMIZER_KEYS = ("optim", "optim_args", "learning_rate")
+#: TRL's keys listed only where the recipe sets them.
+_RARE_KEYS = (
+    "model_revision", "dtype", "lora_target_parameters", "lora_task_type", "use_rslora", "use_dora", "load_in_8bit",
+    "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage", "dataset_streaming",
+    "ignore_bias_buffers",
+)  # fmt: skip
 _HELP = {"learning_rate": "The learning rate of the optimizer that runs (its learning_rates entry, if any)"}
 
 
 def _shown(value: Any) -> str:
     """A value as it is typed on the command line."""
-    if isinstance(value, enum.Enum):
-        value = value.value
+    value = value.value if isinstance(value, enum.Enum) else value
     if isinstance(value, list):
         return " ".join(map(str, value)) or "none"  # report_to: none is []
     return json.dumps(value) if isinstance(value, dict) else str(value)
@@ -45,24 +50,25 @@ def _fill(text: str) -> str:
 def recipe_help(path: str | Path, overrides: Sequence[str] = (), prog: str = "hf-psgd train RECIPE") -> str:
     """The help of the recipe ``path`` with command-line ``overrides`` (see the module docstring)."""
     recipe = load_recipe(path, overrides)
-    given = set(_read_yaml(Path(path))) | recipe.overridden_keys
+    given = set(read_yaml(Path(path))) | recipe.overridden_keys
     training = recipe.training
-    set_training_keys = [
-        f.name for f in dataclasses.fields(training) if f.name in given and f.name not in _OPTIMIZER_KEYS
-    ]
+
+    def keys(arguments: Any, skipped: Sequence[str] = ()) -> list[tuple[Any, str]]:
+        names = [f.name for f in dataclasses.fields(arguments) if f.name not in skipped]
+        return [(arguments, name) for name in names if name not in _RARE_KEYS or name in given]
+
+    set_by_recipe = [f.name for f in dataclasses.fields(training) if f.name in given and f.name not in _OPTIMIZER_KEYS]
     groups = {
         "optimizer (PSGD's own options go in optim_args)": [
-            *((training, key) for key in ("optim", "optim_args", "learning_rate")),
+            *((training, key) for key in _OPTIMIZER_KEYS),
             (recipe.recipe, "learning_rates"),
         ],
-        "recipe": [(recipe.recipe, f.name) for f in dataclasses.fields(recipe.recipe) if f.name != "learning_rates"],
-        "model": [(recipe.model, f.name) for f in dataclasses.fields(recipe.model)],
-        "data": [(recipe.data, f.name) for f in dataclasses.fields(recipe.data)],
-        "training arguments set by this recipe": [(training, key) for key in set_training_keys],
+        "recipe": keys(recipe.recipe, ["learning_rates"]),
+        "model (TRL's ModelConfig and more)": keys(recipe.model),
+        "data (TRL's ScriptArguments and more)": keys(recipe.data),
+        "training arguments set by this recipe": [(training, key) for key in set_by_recipe],
     }
-    docs = TRAINING_ARGUMENTS_DOCS
-    if recipe.recipe.task == "sft":
-        docs += f" and (task sft) {SFT_CONFIG_DOCS}"
+    docs = _DOCS + (f" and (task sft) {_SFT_DOCS}" if recipe.recipe.task == "sft" else "")
     parser = argparse.ArgumentParser(
         prog=prog,
         usage=f"{prog} [--key value ...]",
@@ -71,14 +77,15 @@ def recipe_help(path: str | Path, overrides: Sequence[str] = (), prog: str = "hf
             "command line). Any key given as --key value overrides the file."
         ),
         epilog=_fill(
-            f"Every other TrainingArguments option is accepted too, as --key value or as a recipe key; see {docs}"
+            f"Also accepted, as --key value or recipe keys: TRL's {', '.join(_RARE_KEYS)}, and every other "
+            f"TrainingArguments option; see {docs}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
-    for title, keys in groups.items():
+    for title, entries in groups.items():
         group = parser.add_argument_group(title)
-        for arguments, key in keys:
+        for arguments, key in entries:
             text = _HELP.get(key) or arguments.__dataclass_fields__[key].metadata.get("help", "")
             if arguments is training and key not in ("optim", "optim_args"):
                 text = text.split(". ")[0].rstrip(".")  # transformers' help: its first sentence

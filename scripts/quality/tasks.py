@@ -88,9 +88,9 @@ def _classifier(recipe: Any, trainer: Any) -> nn.Module:
 def _lora(recipe: Any, trainer: Any) -> nn.Module:
     from peft import get_peft_model
 
-    from hf_psgd.recipes.models import load_model, lora_config
+    from hf_psgd.recipes.models import load_model, peft_config
 
-    return get_peft_model(load_model(recipe.model, "sft", trainer.processing_class), lora_config(recipe.model, "sft"))
+    return get_peft_model(load_model(recipe.model, "sft", trainer.processing_class), peft_config(recipe.model, "sft"))
 
 
 def digits() -> Problem:
