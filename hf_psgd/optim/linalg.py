@@ -49,11 +49,20 @@ def _broadcast_along(q: Tensor, ndim: int, dim: int) -> Tensor:
     return q.view(shape)
 
 
-def apply_along(x: Tensor, factor: Tensor, dim: int) -> Tensor:
-    """``factor`` applied along ``dim`` of ``x``: ``M f`` for every fibre ``f`` (diagonal if 1-D)."""
-    if factor.ndim == 1:
-        return x * _broadcast_along(factor, x.ndim, dim)
-    return from_rows(to_rows(x, dim) @ factor.mT, x.shape, dim)
+def apply_along(x: Tensor, factor: Tensor, dim: int, batch: int = 0) -> Tensor:
+    """``factor`` applied along ``dim`` of ``x``: ``M f`` for every fibre ``f`` (diagonal if 1-D).
+
+    With ``batch`` leading dims, ``x`` (``(B.., *shape)``) and ``factor`` (``(B.., n, n)`` or
+    ``(B.., n)``) are stacks of as many independent pairs and ``dim`` counts after the batch dims: one
+    batched product, equal to the pairs' products one at a time."""
+    axis = dim + batch
+    if factor.ndim == batch + 1:
+        shape = [*x.shape[:batch], *[1] * (x.ndim - batch)]
+        shape[axis] = -1
+        return x * factor.view(shape)
+    moved = x.movedim(axis, -1)
+    rows = moved.reshape(*x.shape[:batch], -1, x.shape[axis])
+    return (rows @ factor.mT).reshape(moved.shape).movedim(-1, axis)
 
 
 def solve_transpose_along(x: Tensor, factor: Tensor, dim: int) -> Tensor:

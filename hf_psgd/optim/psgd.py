@@ -253,15 +253,17 @@ class PSGD(Optimizer):
         self, plans: list[BlockPlan], grads: Mapping[Tensor, Tensor], products: Mapping[Tensor, Tensor], keep: Tensor
     ) -> dict[Tensor, Tensor]:
         """The guarded update ``u = P m`` of every block this process owns, keyed by ``plan.key`` (zero
-        where ``keep`` is false; the whole gradients the owner gathers for it are freed on return)."""
+        where ``keep`` is false; the whole gradients the owner gathers for it are freed on return).
+        Each phase runs over all blocks at once: momenta (multi-tensor), fits, ``P m`` (batched by the
+        family), guard."""
         whole_grads = self._distribution.gather_gradients(plans, grads)
-        updates = {}
-        for plan in plans:
-            update = self._block_update(plan, whole_grads, products, keep)
-            if update is not None:
-                updates[plan.key] = update
-        owned = [plan for plan in plans if plan.key in updates]
-        guard_updates_([updates[plan.key] for plan in owned], [plan.group["max_update_rms"] for plan in owned], keep)
+        owned = [(plan, step) for plan in plans if (step := self._advance_counters(plan)) is not None]
+        gradients = [plan.gather(whole_grads) for plan, _ in owned]
+        directions = self._momentum_directions([plan for plan, _ in owned], gradients, keep)
+        for (plan, step), g, direction in zip(owned, gradients, directions):
+            self._fit(plan, step, g, direction, products, keep)
+        updates = self._precondition([plan for plan, _ in owned], directions)
+        guard_updates_(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep)
         return updates
 
     def _initialises_state(self, closure: Callable[[], Tensor] | None, grads: Mapping[Tensor, Tensor]) -> bool:
@@ -281,24 +283,40 @@ class PSGD(Optimizer):
         skipped = keep.logical_not().to(counters[0].device, torch.int64)
         torch._foreach_add_(counters, [skipped] * len(counters))  # tensor lists: no scalar read on the host
 
-    def _block_update(
-        self, plan: BlockPlan, grads: dict[Tensor, Tensor], hv: dict[Tensor, Tensor], keep: Tensor
-    ) -> Tensor | None:
-        """Advance the block's counters; on its owner also the momentum, the fits and the update
-        ``u = P m`` (block-shaped, before the guard), which is returned (``None`` elsewhere). Where
-        ``keep`` is false (a non-finite step) the momentum, the fits and the secant pair are masked."""
-        state, group, family = self._init_state(plan), plan.group, plan.family
+    def _advance_counters(self, plan: BlockPlan) -> int | None:
+        """Advance the block's step counter and update credit; its step before that on the block's
+        owner, ``None`` elsewhere."""
+        state = self._init_state(plan)
         step = state["step"]
         state["update_credit"] += update_probability(plan.schedule, step) - float(plan.fits)
         state["step"] = step + 1
-        if not self._distribution.owns(plan):
-            return None
-        g = plan.gather(grads)
-        if group["momentum"] > 0:  # a masked step lerps m towards itself: m exactly
-            moved = torch.where(keep, g, state["momentum"])
-            direction = state["momentum"].lerp_(moved, 1.0 - min(group["momentum"], step / (step + 1)))
-        else:
-            direction = torch.where(keep, g, 0)
+        return step if self._distribution.owns(plan) else None
+
+    def _momentum_directions(self, plans: list[BlockPlan], gradients: list[Tensor], keep: Tensor) -> list[Tensor]:
+        """The direction ``m`` of every owned block: its momentum, moved towards the gradient (one
+        multi-tensor lerp per weight), or the gradient itself without momentum. Where ``keep`` is false
+        the momentum lerps towards itself (it stays exactly) and a direction without momentum is zero."""
+        directions = [torch.where(keep, g, 0) for g in gradients]
+        lerps: dict[float, list[int]] = {}
+        for index, plan in enumerate(plans):
+            state, momentum = self.state[plan.key], plan.group["momentum"]
+            if momentum > 0:
+                step = state["step"] - 1
+                lerps.setdefault(1.0 - min(momentum, step / (step + 1)), []).append(index)
+        for weight, members in lerps.items():
+            momenta = [self.state[plans[i].key]["momentum"] for i in members]
+            moved = [torch.where(keep, gradients[i], m) for i, m in zip(members, momenta)]
+            torch._foreach_lerp_(momenta, moved, weight)
+            for i, m in zip(members, momenta):
+                directions[i] = m
+        return directions
+
+    def _fit(
+        self, plan: BlockPlan, step: int, g: Tensor, direction: Tensor, hv: Mapping[Tensor, Tensor], keep: Tensor
+    ) -> None:
+        """The block's fit of ``Q`` (where it fits this step) and secant fit (where asked), masked where
+        ``keep`` is false."""
+        state, group, family = self.state[plan.key], plan.group, plan.family
         dtype = work_dtype(group, plan.key)
         if plan.fits:
             whiten = group["curvature"] == "whiten"
@@ -311,7 +329,24 @@ class PSGD(Optimizer):
         if group["secant_pairs"]:
             param = plan.gather({p: p.detach() for p in plan.params}).to(dtype)
             fit_secant_pair(family, state, param, g.to(dtype), group, keep)
-        return self._kernel(family.precondition, group["compile_kernels"])(state, direction)
+
+    def _precondition(self, plans: list[BlockPlan], directions: list[Tensor]) -> dict[Tensor, Tensor]:
+        """``u = P m`` of every owned block, keyed by ``plan.key``: batched per family
+        (:meth:`~.preconditioners.Preconditioner.precondition_many`), or one compiled call per block
+        where ``compile_kernels``."""
+        batches: dict[tuple[type, bool], list[int]] = {}
+        for index, plan in enumerate(plans):
+            batches.setdefault((plan.family, plan.group["compile_kernels"]), []).append(index)
+        updates: dict[int, Tensor] = {}
+        for (family, compiled), members in batches.items():
+            states = [self.state[plans[i].key] for i in members]
+            if compiled:
+                precondition = self._kernel(family.precondition, True)
+                results = [precondition(state, directions[i]) for state, i in zip(states, members)]
+            else:
+                results = family.precondition_many(states, [directions[i] for i in members])
+            updates.update(zip(members, results))
+        return {plans[i].key: updates[i] for i in range(len(plans))}
 
     def _kernel(self, function: Callable[..., Any], compiled: bool) -> Callable[..., Any]:
         """``function``, or its ``torch.compile``d form (made once per function) where ``compiled``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -84,6 +84,12 @@ class Preconditioner(ABC):
     @abstractmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         """``P g`` for a block-shaped ``g``, in the state's working dtype (Kron: its storage dtype)."""
+
+    @classmethod
+    def precondition_many(cls, states: Sequence[dict[str, Any]], gs: Sequence[Tensor]) -> list[Tensor]:
+        """``P g`` of several blocks, each with its own state: :meth:`precondition` one block at a time
+        unless the family batches them (equal results)."""
+        return [cls.precondition(state, g) for state, g in zip(states, gs)]
 
     @classmethod
     @abstractmethod

@@ -13,7 +13,7 @@ is computed on the fly: the state is one tensor the size of the parameter.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +62,16 @@ class Diag(Preconditioner):
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         q = state["q"].to(work_dtype(state["q"].dtype))
         return g * q * q
+
+    @classmethod
+    def precondition_many(cls, states: Sequence[dict[str, Any]], gs: Sequence[Tensor]) -> list[Tensor]:
+        """``g q q`` of every block in two multi-tensor products (equal to one block at a time)."""
+        qs = [state["q"].to(work_dtype(state["q"].dtype)) for state in states]
+        if any(g.dtype != q.dtype or g.device != q.device for g, q in zip(gs, qs)):
+            return super().precondition_many(states, gs)
+        products = torch._foreach_mul(list(gs), qs)
+        torch._foreach_mul_(products, qs)
+        return products
 
     @classmethod
     def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:

@@ -30,7 +30,7 @@ Q0.5EQ1.5 (its ``P`` is unchanged); diagonal factors move the same way under bot
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,6 +229,26 @@ class Kron(Preconditioner):
         cache = state["P"]
         x = g.reshape(_work_shape(g.shape)).to(cache[0].dtype)
         return cls._apply_all(x, list(cache)).reshape(g.shape)
+
+    @classmethod
+    def precondition_many(cls, states: Sequence[dict[str, Any]], gs: Sequence[Tensor]) -> list[Tensor]:
+        """``P g`` of several blocks; blocks of equal shape and factor shapes (e.g. the same layer of
+        every transformer block) in one batched product per dim, equal to one block at a time."""
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for index, (state, g) in enumerate(zip(states, gs)):
+            cache = state["P"]
+            batches.setdefault((g.shape, cache[0].dtype, cache[0].device, *(p.shape for p in cache)), []).append(index)
+        results: list[Tensor] = [gs[0]] * len(gs)
+        for (shape, dtype, *_), members in batches.items():
+            if len(members) == 1:
+                results[members[0]] = cls.precondition(states[members[0]], gs[members[0]])
+                continue
+            x = torch.stack([gs[i].reshape(_work_shape(shape)).to(dtype) for i in members])
+            for dim in range(x.ndim - 1):
+                x = apply_along(x, torch.stack([states[i]["P"][dim] for i in members]), dim, batch=1)
+            for i, y in zip(members, x.unbind()):
+                results[i] = y.reshape(shape)
+        return results
 
     @classmethod
     def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:

@@ -1,0 +1,85 @@
+"""Blocks of equal shape preconditioned together: Kron in one batched product per dim, Diag in
+multi-tensor products; the results equal those of one block at a time, and a step over several
+equal layers runs one matrix product per distinct shape and dim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_psgd import PSGD
+from hf_psgd.optim.preconditioners import get_preconditioner
+
+SHAPES = [(8,), (8,), (8, 6), (8, 6), (8, 6), (12, 8), (16, 6, 5, 5), (16, 6, 5, 5), (5,), ()]
+
+
+def _states(family: str, options: dict, dtype: torch.dtype = torch.float32) -> tuple[list[dict], list[torch.Tensor]]:
+    """A block of every shape in ``SHAPES`` with its own fitted (random) preconditioner and gradient."""
+    kind = get_preconditioner(family)
+    group = {"max_dense_size": 8192, "max_skew": 1.0, "fit": "q0.5eq1.5", "precond_lr": 0.5, "lipschitz_beta": 0.9,
+             "damping": 1e-9, **options}  # fmt: skip
+    states, gradients = [], []
+    generator = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        state = kind.init_state(torch.Size(shape), group, dtype, torch.device("cpu"))
+        for _ in range(3):
+            h = torch.randn(shape, generator=generator)
+            kind.update(state, None if kind.integrates_probe else torch.randn(shape, generator=generator), h, group)
+        states.append(state)
+        gradients.append(torch.randn(shape, generator=generator))
+    return states, gradients
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "dtype"),
+    [
+        ("kron", {}, torch.float32),
+        ("kron", {"max_skew": float("inf")}, torch.float32),  # dense factors on every dim, vectors included
+        ("kron", {}, torch.bfloat16),
+        ("kron", {"fit": "eq"}, torch.float64),
+        ("diag", {}, torch.float32),
+    ],
+)
+def test_batched_preconditioning_equals_one_block_at_a_time(family: str, options: dict, dtype: torch.dtype) -> None:
+    kind = get_preconditioner(family)
+    states, gradients = _states(family, options, dtype)
+    one_by_one = [kind.precondition(state, g) for state, g in zip(states, gradients)]
+    batched = kind.precondition_many(states, gradients)
+    assert len(batched) == len(one_by_one)
+    for single, together in zip(one_by_one, batched):
+        assert together.shape == single.shape and together.dtype == single.dtype
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(together, single, rtol=tolerance, atol=tolerance * single.abs().max().item())
+
+
+class MatrixProducts(TorchDispatchMode):
+    """Counts the matrix products dispatched (``mm``, ``bmm``) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_over_equal_layers_runs_one_product_per_shape_and_dim() -> None:
+    """Four equal 16 x 16 layers (one dense factor per dim): an apply-only step runs 2 products, not 8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(16, 16, bias=False) for _ in range(4)))
+    optimizer = PSGD(model.parameters(), lr=0.01, precond_update_prob=1.0)
+    x = torch.randn(32, 16)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    for group in optimizer.param_groups:
+        group["precond_update_prob"] = 0.0
+    optimizer.step()  # the update credit left from the fits runs out
+    with MatrixProducts() as products:
+        optimizer.step()
+    assert products.count == 2
