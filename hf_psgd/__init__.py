@@ -9,7 +9,7 @@ from typing import Any
 
 from .optim import PRECONDITIONERS, PSGD, register_preconditioner
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "PSGDTrainer": "hf_psgd.integrations.trainer",

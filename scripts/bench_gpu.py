@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_step_cost import CONFIG as SMALL
-from bench_step_cost import LONG_RUN_PROB, TINY_PROB, Switch
+from bench_step_cost import D_MODEL, LONG_RUN_PROB, TINY_PROB, Switch, model_config
 from tiny_gpt import GPTConfig, TinyGPT
 from torch import Tensor
 
@@ -41,7 +40,7 @@ from hf_psgd import PSGD
 
 MODELS = {
     "gpt2-small": (GPTConfig(vocab=50257, seq=1024, dim=768, layers=12, heads=12), 16),
-    "4.24M": (SMALL, 8),
+    "4.24M": (model_config(D_MODEL), 8),
     "tiny": (GPTConfig(vocab=256, seq=32, dim=32, layers=1, heads=2), 4),  # smoke runs only
 }
 LR = 1e-3

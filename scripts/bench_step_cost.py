@@ -264,6 +264,13 @@ def all_configs() -> list[Config]:
             make_psgd,
             Switch("precond_update_prob", TINY_PROB, in_groups=True),
         ),
+        *update_and_apply(
+            "psgd-kron-bf16",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, precond_dtype='bfloat16'): "
+            "factors stored in bf16 and applied with bf16 products (fits in fp32)",
+            partial(make_psgd, precond_dtype="bfloat16"),
+            Switch("precond_update_prob", TINY_PROB, in_groups=True),
+        ),
         Config(
             "psgd-kron-eq",
             "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, fit='eq'): the triangular fit, "

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockPlan, storage_dtype
+from .preconditioners.base import tensor_shapes
 
 __all__ = ["check_loaded_state", "copy_to_device", "upgrade_loaded_state"]
 
@@ -33,12 +34,6 @@ def upgrade_loaded_state(state: dict[str, Any], device: torch.device) -> dict[st
     if "precond_updates" in state and "rejected_fits" not in state:
         state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=device)
     return state
-
-
-def _shapes(value: Any) -> Any:
-    if isinstance(value, list):
-        return [tuple(t.shape) for t in value]
-    return tuple(value.shape)
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -71,12 +66,12 @@ def check_loaded_state(plan: BlockPlan, state: Mapping[str, Any], index: int, ow
     if present:
         dtype = storage_dtype(plan.group, plan.key)
         fresh = plan.family.init_state(plan.shape, plan.group, dtype, torch.device("meta"))
-        for key in keys:
-            if _shapes(state[key]) != _shapes(fresh[key]):
-                raise ValueError(
-                    f"{where}: {key!r} has shape {_shapes(state[key])}, but preconditioner={plan.family.name!r} of a "
-                    f"block of shape {tuple(plan.shape)} has {_shapes(fresh[key])} (saved for another model?)"
-                )
+        if not plan.family.made_for(plan.shape, state, fresh):
+            key = next((key for key in keys if tensor_shapes(state[key]) != tensor_shapes(fresh[key])), keys[0])
+            raise ValueError(
+                f"{where}: {key!r} has shape {tensor_shapes(state[key])}, but preconditioner={plan.family.name!r} of a "
+                f"block of shape {tuple(plan.shape)} has {tensor_shapes(fresh[key])} (saved for another model?)"
+            )
     if "momentum" in state and tuple(state["momentum"].shape) != tuple(plan.shape):
         shape = tuple(state["momentum"].shape)
         raise ValueError(f"{where}: momentum of shape {shape} for a block of shape {tuple(plan.shape)}")

@@ -26,6 +26,7 @@ __all__ = [
     "family_option_fields",
     "get_preconditioner",
     "register_preconditioner",
+    "tensor_shapes",
     "update_lipschitz",
 ]
 
@@ -86,6 +87,12 @@ class Preconditioner(ABC):
         """``P g`` for a block-shaped ``g``, in the state's working dtype (Kron: its storage dtype)."""
 
     @classmethod
+    def made_for(cls, shape: torch.Size, state: Mapping[str, Any], fresh: Mapping[str, Any]) -> bool:
+        """Whether a loaded ``state`` is one of a block of ``shape`` (``fresh``: a new state for that
+        block): by default when its tensors have the fresh state's shapes."""
+        return all(tensor_shapes(state[key]) == tensor_shapes(fresh[key]) for key in cls.state_keys)
+
+    @classmethod
     def precondition_many(cls, states: Sequence[dict[str, Any]], gs: Sequence[Tensor]) -> list[Tensor]:
         """``P g`` of several blocks, each with its own state: :meth:`precondition` one block at a time
         unless the family batches them (equal results)."""
@@ -101,6 +108,11 @@ class Preconditioner(ABC):
     def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
         """``(state elements, FLOPs of one fit plus one preconditioning)`` for a block of ``shape``,
         up to constant factors: the cost model that balances sharded preconditioners over ranks."""
+
+
+def tensor_shapes(value: Any) -> Any:
+    """A tensor's shape, or a list of tensors' shapes."""
+    return [tuple(t.shape) for t in value] if isinstance(value, list) else tuple(value.shape)
 
 
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {}

@@ -1,11 +1,16 @@
 """Kron: ``Q = Q_0 (x) Q_1 (x) ... (x) Q_{k-1}``, one factor per dim of the tensor.
 
-Each factor ``Q_i`` (``n_i x n_i``) is dense or a positive diagonal matrix (stored as a vector). Dim
-``i`` of a tensor with ``N`` elements gets a dense factor when ``1 < n_i <= max_dense_size`` and
-``n_i^2 <= max_skew * N``, else a diagonal one; scalars and (with ``max_skew <= 1``) vectors are
-diagonal. ``P = Q^T Q`` acts on a gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``,
-cached after every fit (in the storage dtype, in which preconditioning then runs: bf16 storage
-means bf16 products) so that preconditioning costs one product per dense factor.
+Each factor ``Q_i`` (``n_i x n_i``) is dense or a positive diagonal matrix (stored as a vector). With
+``merge_dims`` a tensor of more than two dims is preconditioned as a matrix, as kron-torch does: of
+``(n_0 ... n_{k-2}, n_{k-1})`` and ``(n_0, n_1 ... n_{k-1})`` the one whose second side exceeds its
+first by less (a conv weight ``(out, in, h, w)`` becomes ``(out in h, w)``). Dim ``i`` of the
+(merged) tensor with ``N`` elements gets a dense factor when ``1 < n_i <= max_dense_size`` and either
+``n_i^2 <= max_skew * N`` or, on a tensor of two or more dims, ``n_i <= always_dense_size``; else a
+diagonal one. Scalars and (with ``max_skew <= 1``) vectors are diagonal. The factors' sizes are the
+shape the state works in: a state keeps the factor shapes it was made with. ``P = Q^T Q`` acts on a
+gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``, cached after every fit (in the storage
+dtype, in which preconditioning then runs: bf16 storage means bf16 products) so that preconditioning
+costs one product per dense factor.
 
 Both fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
 running lower bound of the spectral norm of the factor's two terms, so ``mu = precond_lr`` is
@@ -30,6 +35,7 @@ Q0.5EQ1.5 (its ``P`` is unchanged); diagonal factors move the same way under bot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,36 +54,63 @@ from ..linalg import (
 from ..validation import FamilyOptions, check, is_int
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
-__all__ = ["Kron", "KronOptions", "factor_is_dense"]
+__all__ = ["Kron", "KronOptions", "factor_is_dense", "work_shape"]
 
 
 #: the fit geometries of :class:`Kron` (module docstring)
 KRON_FITS = ("eq", "q0.5eq1.5")
 
 
-def _work_shape(shape: torch.Size) -> torch.Size:
-    return shape if len(shape) else torch.Size([1])
+def work_shape(shape: torch.Size, merge_dims: bool) -> torch.Size:
+    """The shape a tensor is preconditioned in: ``(1,)`` for a scalar; with ``merge_dims`` a tensor of
+    more than two dims as a matrix (module docstring)."""
+    if not len(shape):
+        return torch.Size([1])
+    if not merge_dims or len(shape) <= 2:
+        return shape
+    rows_first = (math.prod(shape[:-1]), shape[-1])
+    columns_first = (shape[0], math.prod(shape[1:]))
+    return torch.Size(
+        rows_first if rows_first[1] - rows_first[0] <= columns_first[1] - columns_first[0] else columns_first
+    )
 
 
-def factor_is_dense(n: int, numel: int, max_dense_size: int, max_skew: float) -> bool:
-    """Whether dim of size ``n`` of a tensor with ``numel`` elements gets a triangular factor."""
-    return 1 < n <= max_dense_size and n * n <= max_skew * numel
+def factor_is_dense(n: int, numel: int, options: Mapping[str, Any]) -> bool:
+    """Whether dim of size ``n`` of a (work-shaped) tensor with ``numel`` elements gets a dense factor."""
+    small = n <= options["always_dense_size"] and numel > n  # a dim of a tensor of two or more dims
+    return 1 < n <= options["max_dense_size"] and (n * n <= options["max_skew"] * numel or small)
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``; a view with a batch dim of 1 for one tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _state_shape(state: Mapping[str, Any]) -> torch.Size:
+    """The shape the block's state works in: its factors' sizes."""
+    return torch.Size(p.shape[0] for p in state["P"])
 
 
 @dataclass(frozen=True)
 class KronOptions(FamilyOptions):
-    """The factor shapes: dim of size ``n`` of a tensor with ``N`` elements gets a dense factor if
-    ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N``, else a diagonal one; ``fit``: the geometry
+    """The factor shapes: dim of size ``n`` of a tensor with ``N`` elements (merged to a matrix with
+    ``merge_dims``) gets a dense factor if ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N`` or (on a
+    tensor of two or more dims) ``n <= always_dense_size``, else a diagonal one; ``fit``: the geometry
     of the fit (module docstring)."""
 
     max_dense_size: int = 8192
     max_skew: float = 1.0
+    always_dense_size: int = 512
+    merge_dims: bool = True
     fit: str = "q0.5eq1.5"
 
     def validate(self) -> None:
         check("fit", self.fit, self.fit in KRON_FITS, f"one of {list(KRON_FITS)}")
         size, skew = self.max_dense_size, self.max_skew
         check("max_dense_size", size, is_int(size) and size >= 0, "an int >= 0")
+        small = self.always_dense_size
+        check("always_dense_size", small, is_int(small) and small >= 0, "an int >= 0 (0: max_skew alone decides)")
+        check("merge_dims", self.merge_dims, isinstance(self.merge_dims, bool), "True or False")
         skew_ok = isinstance(skew, (int, float)) and not isinstance(skew, bool) and skew >= 0
         check("max_skew", skew, skew_ok, "a number >= 0 (math.inf: every factor dense)")
 
@@ -96,11 +129,11 @@ class Kron(Preconditioner):
     def init_state(
         cls, shape: torch.Size, options: Mapping[str, Any], dtype: torch.dtype, device: torch.device
     ) -> dict[str, Any]:
-        shape = _work_shape(shape)
+        shape = work_shape(shape, options["merge_dims"])
         numel = shape.numel()
         factors = []
         for n in shape:
-            if factor_is_dense(n, numel, options["max_dense_size"], options["max_skew"]):
+            if factor_is_dense(n, numel, options):
                 factors.append(torch.eye(n, dtype=dtype, device=device))
             else:
                 factors.append(torch.ones(n, dtype=dtype, device=device))
@@ -112,17 +145,31 @@ class Kron(Preconditioner):
 
     @classmethod
     def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
-        shape = _work_shape(shape)
+        shape = work_shape(shape, options["merge_dims"])
         numel = shape.numel()
         memory, flops = 0.0, 0.0
         for n in shape:
-            if factor_is_dense(n, numel, options["max_dense_size"], options["max_skew"]):
+            if factor_is_dense(n, numel, options):
                 memory += 2 * n * n  # Q and the cached P
                 flops += 4 * numel * n + 10 * n**3  # Gram and product along the dim, triangular algebra
             else:
                 memory += 2 * n
                 flops += 4 * numel
         return memory, flops
+
+    @classmethod
+    def made_for(cls, shape: torch.Size, state: Mapping[str, Any], fresh: Mapping[str, Any]) -> bool:
+        """Any factorisation of the block fits (a state keeps the factor shapes it was made with, e.g.
+        under an older factor rule): square or diagonal factors whose sizes multiply to its size, ``P``
+        shaped as ``Q``, one bound per factor."""
+        q, p, sizes = state["Q"], state["P"], [t.shape[0] for t in state["Q"]]
+        factors_ok = all(t.shape in ((n,), (n, n)) for t, n in zip(q, sizes))
+        return (
+            factors_ok
+            and [t.shape for t in p] == [t.shape for t in q]
+            and tuple(state["lipschitz"].shape) == (len(q),)
+            and math.prod(sizes) == max(shape.numel(), 1)
+        )
 
     @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
@@ -146,7 +193,7 @@ class Kron(Preconditioner):
         symmetric = options["fit"] == "q0.5eq1.5"
         # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h against v
         applied = [p.to(factors[0].dtype) for p in state["P"]] if symmetric else factors
-        shape = _work_shape(h.shape)
+        shape = _state_shape(state)
         a = cls._apply_all(h.reshape(shape).to(factors[0].dtype), applied)
         terms_b, terms_damping = cls._probe_terms(factors, applied, v, shape, options["damping"], symmetric)
         lipschitz = state["lipschitz"]
@@ -226,26 +273,24 @@ class Kron(Preconditioner):
 
     @classmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
-        cache = state["P"]
-        x = g.reshape(_work_shape(g.shape)).to(cache[0].dtype)
-        return cls._apply_all(x, list(cache)).reshape(g.shape)
+        return cls.precondition_many([state], [g])[0]
 
     @classmethod
     def precondition_many(cls, states: Sequence[dict[str, Any]], gs: Sequence[Tensor]) -> list[Tensor]:
         """``P g`` of several blocks; blocks of equal shape and factor shapes (e.g. the same layer of
-        every transformer block) in one batched product per dim, equal to one block at a time."""
+        every transformer block) in one batched product per dim. Every block, alone or not, goes through
+        the batched product, so that a block's result does not depend on the others in its batch (bit for
+        bit on one CPU thread; with more, a CPU kernel may split batches of different sizes differently,
+        within rounding)."""
         batches: dict[tuple[Any, ...], list[int]] = {}
         for index, (state, g) in enumerate(zip(states, gs)):
             cache = state["P"]
             batches.setdefault((g.shape, cache[0].dtype, cache[0].device, *(p.shape for p in cache)), []).append(index)
         results: list[Tensor] = [gs[0]] * len(gs)
         for (shape, dtype, *_), members in batches.items():
-            if len(members) == 1:
-                results[members[0]] = cls.precondition(states[members[0]], gs[members[0]])
-                continue
-            x = torch.stack([gs[i].reshape(_work_shape(shape)).to(dtype) for i in members])
+            x = _stacked([gs[i].reshape(_state_shape(states[i])).to(dtype) for i in members])
             for dim in range(x.ndim - 1):
-                x = apply_along(x, torch.stack([states[i]["P"][dim] for i in members]), dim, batch=1)
+                x = apply_along(x, _stacked([states[i]["P"][dim] for i in members]), dim, batch=1)
             for i, y in zip(members, x.unbind()):
                 results[i] = y.reshape(shape)
         return results

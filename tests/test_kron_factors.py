@@ -1,0 +1,97 @@
+"""Kron's factor shapes: which dims get dense factors (``max_skew``, ``always_dense_size``), tensors of
+more than two dims merged to a matrix (``merge_dims``), and states made under another rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_psgd import PSGD
+
+
+def _factor_shapes(shape: tuple[int, ...], **options: object) -> list[tuple[int, ...]]:
+    x = torch.nn.Parameter(torch.zeros(shape))
+    opt = PSGD([x], lr=0.0, precond_update_prob=1.0, **options)
+    x.grad = torch.randn(shape)
+    opt.step()
+    return [tuple(q.shape) for q in opt.state[x]["Q"]]
+
+
+@pytest.mark.parametrize(
+    ("shape", "options", "expected"),
+    [
+        ((6, 40), {}, [(6, 6), (40, 40)]),  # both sides up to always_dense_size: dense
+        ((6, 40), {"always_dense_size": 0}, [(6, 6), (40,)]),  # max_skew alone: the long side diagonal
+        ((1000, 8), {}, [(1000,), (8, 8)]),  # 1000 > 512 and 1000^2 > 8000
+        ((100,), {}, [(100,)]),  # vectors stay diagonal
+        ((16, 6, 5, 5), {}, [(480, 480), (5, 5)]),  # merged as kron-torch does: (16*6*5, 5)
+        ((4, 3, 50), {}, [(12, 12), (50, 50)]),  # (12, 50): 50 - 12 is less than 150 - 4 of (4, 150)
+        ((50, 3, 4), {}, [(150, 150), (4, 4)]),  # (150, 4): 4 - 150 is less than 12 - 50 of (50, 12)
+        ((16, 6, 5, 5), {"merge_dims": False}, [(16, 16), (6, 6), (5, 5), (5, 5)]),
+        ((), {}, [(1,)]),
+    ],
+)
+def test_factor_shapes(shape: tuple[int, ...], options: dict, expected: list[tuple[int, ...]]) -> None:
+    assert _factor_shapes(shape, **options) == expected
+
+
+def test_a_merged_tensor_is_preconditioned_as_its_matrix() -> None:
+    """A (4, 3, 5) weight under ``merge_dims`` gets the preconditioner and updates of the (12, 5) matrix
+    it is merged to, on the same gradients."""
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(4, 3, 5, generator=generator) * torch.linspace(0.1, 3, 5) for _ in range(30)]
+    tensor = torch.nn.Parameter(torch.zeros(4, 3, 5))
+    matrix = torch.nn.Parameter(torch.zeros(12, 5))
+    runs = [(tensor, PSGD([tensor], lr=0.01, precond_update_prob=1.0)), (matrix, PSGD([matrix], lr=0.01))]
+    runs[1][1].param_groups[0]["precond_update_prob"] = 1.0
+    for g in gradients:
+        for param, opt in runs:
+            param.grad = g.reshape(param.shape)
+            opt.step()
+    torch.testing.assert_close(tensor.detach().reshape(12, 5), matrix.detach(), rtol=1e-6, atol=1e-9)
+    for p_tensor, p_matrix in zip(runs[0][1].state[tensor]["P"], runs[1][1].state[matrix]["P"]):
+        torch.testing.assert_close(p_tensor, p_matrix)
+
+
+def test_a_state_made_under_the_old_factor_rule_loads_and_resumes_with_its_factors() -> None:
+    """A checkpoint of hf_psgd 0.2 (a conv weight with four factors, a diagonal long side; its param
+    groups without the new options) resumes under today's defaults exactly as under the old rule."""
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(8, 3, 3, 3, generator=generator) for _ in range(12)]
+    old_rule = {"always_dense_size": 0, "merge_dims": False}
+    x = torch.nn.Parameter(torch.zeros(8, 3, 3, 3))
+    old = PSGD([x], lr=0.01, precond_update_prob=1.0, **old_rule)
+    for g in gradients[:6]:
+        x.grad = g
+        old.step()
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        for key in old_rule:
+            del group[key]
+    y = torch.nn.Parameter(x.detach().clone())
+    resumed = PSGD([y], lr=0.01, precond_update_prob=1.0)
+    resumed.load_state_dict(saved)
+    for g in gradients[6:]:
+        x.grad, y.grad = g, g.clone()
+        old.step()
+        resumed.step()
+    assert [tuple(q.shape) for q in resumed.state[y]["Q"]] == [(8, 8), (3, 3), (3, 3), (3, 3)]
+    assert torch.equal(x, y)
+
+
+def test_a_state_of_another_block_is_still_refused() -> None:
+    x = torch.nn.Parameter(torch.zeros(6, 40))
+    opt = PSGD([x], lr=0.0, precond_update_prob=1.0)
+    x.grad = torch.randn(6, 40)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["Q"][1] = torch.ones(41)
+    saved["state"][0]["P"][1] = torch.ones(41)
+    with pytest.raises(ValueError, match=r"state of parameter 0: 'Q' has shape \[\(6, 6\), \(41,\)\]"):
+        PSGD([torch.nn.Parameter(torch.zeros(6, 40))]).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(("key", "value"), [("always_dense_size", -1), ("always_dense_size", 2.5), ("merge_dims", 1)])
+def test_bad_factor_options_are_named(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=key):
+        PSGD([torch.nn.Parameter(torch.zeros(2))], **{key: value})
