@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_step_cost import D_MODEL, LONG_RUN_PROB, TINY_PROB, Switch, model_config
+from bench_step_cost import D_MODEL, LONG_RUN_PROB, LR, TINY_PROB, Switch, make_kron_torch, model_config
 from tiny_gpt import GPTConfig, TinyGPT
 from torch import Tensor
 
@@ -43,7 +43,6 @@ MODELS = {
     "4.24M": (model_config(D_MODEL), 8),
     "tiny": (GPTConfig(vocab=256, seq=32, dim=32, layers=1, heads=2), 4),  # smoke runs only
 }
-LR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -64,12 +63,6 @@ class Run:
     steps: list[float] = field(default_factory=list)
     iterations: list[float] = field(default_factory=list)
     peak_bytes: int = 0
-
-
-def make_kron_torch(params: list[Tensor]) -> Any:
-    from kron_torch import Kron
-
-    return Kron(params, lr=LR, preconditioner_update_probability=1.0)
 
 
 def make_heavyball(params: list[Tensor]) -> Any:

@@ -259,7 +259,7 @@ class PSGD(Optimizer):
         whole_grads = self._distribution.gather_gradients(plans, grads)
         owned = [(plan, step) for plan in plans if (step := self._advance_counters(plan)) is not None]
         gradients = [plan.gather(whole_grads) for plan, _ in owned]
-        directions = self._momentum_directions([plan for plan, _ in owned], gradients, keep)
+        directions = self._momentum_directions(owned, gradients, keep)
         for (plan, step), g, direction in zip(owned, gradients, directions):
             self._fit(plan, step, g, direction, products, keep)
         updates = self._precondition([plan for plan, _ in owned], directions)
@@ -292,19 +292,22 @@ class PSGD(Optimizer):
         state["step"] = step + 1
         return step if self._distribution.owns(plan) else None
 
-    def _momentum_directions(self, plans: list[BlockPlan], gradients: list[Tensor], keep: Tensor) -> list[Tensor]:
-        """The direction ``m`` of every owned block: its momentum, moved towards the gradient (one
-        multi-tensor lerp per weight), or the gradient itself without momentum. Where ``keep`` is false
-        the momentum lerps towards itself (it stays exactly) and a direction without momentum is zero."""
-        directions = [torch.where(keep, g, 0) for g in gradients]
+    def _momentum_directions(
+        self, owned: list[tuple[BlockPlan, int]], gradients: list[Tensor], keep: Tensor
+    ) -> list[Tensor]:
+        """The direction ``m`` of every owned ``(block, step)``: its momentum, moved towards the gradient
+        (one multi-tensor lerp per weight), or the gradient itself without momentum. Where ``keep`` is
+        false the momentum lerps towards itself (it stays exactly) and a direction without momentum is zero."""
+        directions: list[Tensor] = list(gradients)
         lerps: dict[float, list[int]] = {}
-        for index, plan in enumerate(plans):
-            state, momentum = self.state[plan.key], plan.group["momentum"]
+        for index, (plan, step) in enumerate(owned):
+            momentum = plan.group["momentum"]
             if momentum > 0:
-                step = state["step"] - 1
                 lerps.setdefault(1.0 - min(momentum, step / (step + 1)), []).append(index)
+            else:
+                directions[index] = torch.where(keep, gradients[index], 0)
         for weight, members in lerps.items():
-            momenta = [self.state[plans[i].key]["momentum"] for i in members]
+            momenta = [self.state[owned[i][0].key]["momentum"] for i in members]
             moved = [torch.where(keep, gradients[i], m) for i, m in zip(members, momenta)]
             torch._foreach_lerp_(momenta, moved, weight)
             for i, m in zip(members, momenta):
