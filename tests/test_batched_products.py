@@ -13,14 +13,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hf_psgd import PSGD
 from hf_psgd.optim.preconditioners import get_preconditioner
 
-SHAPES = [(8,), (8,), (8, 6), (8, 6), (8, 6), (12, 8), (16, 6, 5, 5), (16, 6, 5, 5), (5,), ()]
+#: (260, 260): larger than BATCHED_NUMEL_LIMIT, preconditioned alone where it needs no copy
+SHAPES = [(8,), (8,), (8, 6), (8, 6), (8, 6), (12, 8), (16, 6, 5, 5), (16, 6, 5, 5), (5,), (), (260, 260), (260, 260)]
 
 
 def _states(family: str, options: dict, dtype: torch.dtype = torch.float32) -> tuple[list[dict], list[torch.Tensor]]:
     """A block of every shape in ``SHAPES`` with its own fitted (random) preconditioner and gradient."""
     kind = get_preconditioner(family)
-    group = {"max_dense_size": 8192, "max_skew": 1.0, "always_dense_size": 512, "merge_dims": True,
-             "fit": "q0.5eq1.5", "precond_lr": 0.5, "lipschitz_beta": 0.9, "damping": 1e-9, **options}  # fmt: skip
+    defaults = {name: default for name, (default, _) in PSGD.option_specs().items()}
+    group = {**defaults, "precond_lr": 0.5, **options}
     states, gradients = [], []
     generator = torch.Generator().manual_seed(0)
     for shape in SHAPES:
@@ -40,6 +41,7 @@ def _states(family: str, options: dict, dtype: torch.dtype = torch.float32) -> t
         ("kron", {"max_skew": float("inf")}, torch.float32),  # dense factors on every dim, vectors included
         ("kron", {"always_dense_size": 0, "merge_dims": False}, torch.float32),  # dense and diagonal factors
         ("kron", {}, torch.bfloat16),
+        ("kron", {"apply_dtype": "bfloat16"}, torch.float32),  # bf16 products on fp32 factors
         ("kron", {"fit": "eq"}, torch.float64),
         ("diag", {}, torch.float32),
     ],

@@ -1,5 +1,6 @@
 """Kron's factor shapes: which dims get dense factors (``max_skew``, ``always_dense_size``), tensors of
-more than two dims merged to a matrix (``merge_dims``), and states made under another rule."""
+more than two dims merged to a matrix (``merge_dims``), the dtype of its products (``apply_dtype``), and
+states made under another rule."""
 
 from __future__ import annotations
 
@@ -91,7 +92,65 @@ def test_a_state_of_another_block_is_still_refused() -> None:
         PSGD([torch.nn.Parameter(torch.zeros(6, 40))]).load_state_dict(saved)
 
 
-@pytest.mark.parametrize(("key", "value"), [("always_dense_size", -1), ("always_dense_size", 2.5), ("merge_dims", 1)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("always_dense_size", -1), ("always_dense_size", 2.5), ("merge_dims", 1), ("apply_dtype", "int8")],
+)
 def test_bad_factor_options_are_named(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=key):
         PSGD([torch.nn.Parameter(torch.zeros(2))], **{key: value})
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "apply_dtype", "cache_dtype"),
+    [
+        (torch.float32, None, torch.bfloat16),  # the default: bf16 products on fp32 factors
+        (torch.float32, "float32", torch.float32),
+        (torch.bfloat16, None, torch.bfloat16),  # fp32 storage for bf16 parameters, bf16 products
+        (torch.float64, None, torch.float64),  # float64 stays float64
+    ],
+)
+def test_the_cache_and_the_update_take_the_apply_dtype(
+    param_dtype: torch.dtype, apply_dtype: str | None, cache_dtype: torch.dtype
+) -> None:
+    """``P`` is cached in the apply dtype, ``Q`` stays in the storage dtype, and the update applied in bf16
+    products is that of fp32 products up to bf16 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(6, 5, generator=generator) for _ in range(4)]
+    x = torch.nn.Parameter(torch.ones(6, 5, dtype=param_dtype))
+    reference = torch.nn.Parameter(torch.ones(6, 5, dtype=torch.float64))
+    opt = PSGD([x], lr=0.1, precond_update_prob=1.0, apply_dtype=apply_dtype)
+    exact = PSGD([reference], lr=0.1, precond_update_prob=1.0)
+    for g in gradients:
+        x.grad, reference.grad = g.to(param_dtype), g.double()
+        opt.step()
+        exact.step()
+    assert [p.dtype for p in opt.state[x]["P"]] == [cache_dtype, cache_dtype]
+    assert opt.state[x]["Q"][0].dtype == (torch.float64 if param_dtype == torch.float64 else torch.float32)
+    low = torch.bfloat16 in (param_dtype, cache_dtype)
+    tolerance = 2e-2 if low else 1e-5
+    torch.testing.assert_close(x.detach().double(), reference.detach(), rtol=tolerance, atol=tolerance)
+
+
+def test_a_state_saved_with_other_products_loads_with_its_cache_in_the_new_dtype() -> None:
+    """A checkpoint of fp32 products (hf_psgd 0.3's, or ``apply_dtype="float32"``) resumes under the default:
+    ``Q`` exactly as saved, ``P`` cast to bf16."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.Parameter(torch.zeros(6, 5))
+    saved_by = PSGD([x], lr=0.01, precond_update_prob=1.0, apply_dtype="float32")
+    for _ in range(3):
+        x.grad = torch.randn(6, 5, generator=generator)
+        saved_by.step()
+    saved = saved_by.state_dict()
+    for group in saved["param_groups"]:
+        del group["apply_dtype"]  # as 0.3 wrote them
+    y = torch.nn.Parameter(x.detach().clone())
+    resumed = PSGD([y], lr=0.01, precond_update_prob=1.0)
+    resumed.load_state_dict(saved)
+    state = resumed.state[y]
+    assert all(torch.equal(q, old) for q, old in zip(state["Q"], saved_by.state[x]["Q"]))
+    assert all(p.dtype == torch.bfloat16 for p in state["P"])
+    assert all(torch.equal(p, old.bfloat16()) for p, old in zip(state["P"], saved_by.state[x]["P"]))
+    y.grad = torch.randn(6, 5, generator=generator)
+    resumed.step()
+    assert all(p.dtype == torch.bfloat16 for p in state["P"]) and bool(y.isfinite().all())

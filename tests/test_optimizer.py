@@ -249,7 +249,7 @@ def test_statistics_report_fits_skips_probability_and_scale() -> None:
         opt.step()
     figures = opt.statistics()
     assert figures["precond_updates"] == 4.0 and figures["update_prob"] == 0.5 and figures["skipped_steps"] == 0.0
-    kron_scale = torch.stack([p.diagonal().mean() if p.ndim == 2 else p.mean() for p in opt.state[x]["P"]]).prod()
+    kron_scale = torch.stack([(p.diagonal() if p.ndim == 2 else p).float().mean() for p in opt.state[x]["P"]]).prod()
     diag_scale = opt.state[y]["q"].square().mean()
     assert figures["precond_scale_min"] == pytest.approx(min(kron_scale, diag_scale).item())
     assert figures["precond_scale_max"] == pytest.approx(max(kron_scale, diag_scale).item())

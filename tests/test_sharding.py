@@ -122,8 +122,9 @@ def test_communication_dtype_rounds_the_applied_update() -> None:
     with pytest.raises(ValueError, match="communication_dtype='int8'"):
         PSGD(layer.parameters(), shard_preconditioners=True, communication_dtype="int8")
     twin = copy.deepcopy(layer)
-    rounded = PSGD(layer.parameters(), lr=1.0, shard_preconditioners=True, communication_dtype=torch.bfloat16)
-    exact = PSGD(twin.parameters(), lr=1.0, shard_preconditioners=False)
+    fp32 = {"lr": 1.0, "apply_dtype": "float32"}  # updates computed in fp32, rounded only by the exchange
+    rounded = PSGD(layer.parameters(), shard_preconditioners=True, communication_dtype=torch.bfloat16, **fp32)
+    exact = PSGD(twin.parameters(), shard_preconditioners=False, **fp32)
     before = [p.detach().clone() for p in layer.parameters()]
     inputs = torch.randn(4, 8)
     for module, opt in ((layer, rounded), (twin, exact)):
@@ -161,16 +162,19 @@ def _relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "options",
+    ("options", "tolerance"),
     [
-        "preconditioner=kron,curvature=whiten",
-        "preconditioner=kron,curvature=hvp",
-        "preconditioner=kron,curvature=hvp,secant_pairs=true",
-        "preconditioner=diag,curvature=whiten",
-        "preconditioner=lra,curvature=hvp",
+        ("preconditioner=kron,curvature=whiten,apply_dtype=float32", 1e-5),
+        ("preconditioner=kron,curvature=whiten", 5e-3),  # bf16 products: batches of other sizes round otherwise
+        ("preconditioner=kron,curvature=hvp,apply_dtype=float32", 1e-5),
+        ("preconditioner=kron,curvature=hvp,secant_pairs=true,apply_dtype=float32", 1e-5),
+        ("preconditioner=diag,curvature=whiten", 1e-5),
+        ("preconditioner=lra,curvature=hvp", 1e-5),
     ],
 )
-def test_two_sharded_processes_match_one_and_resume_across_world_sizes(tmp_path: Path, options: str) -> None:
+def test_two_sharded_processes_match_one_and_resume_across_world_sizes(
+    tmp_path: Path, options: str, tolerance: float
+) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += [str(LAUNCH / "sharded_equivalence.py"), str(tmp_path), options]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
@@ -180,7 +184,7 @@ def test_two_sharded_processes_match_one_and_resume_across_world_sizes(tmp_path:
         for name, value in ranks[0][run].items():
             assert torch.equal(value, ranks[1][run][name]), (run, name)  # ranks stay bit-identical
         difference = _relative_difference(ranks[0][run], ranks[0]["single"])
-        assert difference <= 1e-5, (run, difference)
+        assert difference <= tolerance, (run, difference)
     total = sum(ranks[0]["all_preconditioner_bytes"])
     largest = max(ranks[0]["all_preconditioner_bytes"])
     for rank in ranks:

@@ -40,6 +40,8 @@ class DataParallelOwners(Distribution):
         communication_dtype: dtype of the exchanged updates.
     """
 
+    exchanges = True
+
     def __init__(self, group: dist.ProcessGroup | None, communication_dtype: torch.dtype) -> None:
         self.group = group
         self.rank = dist.get_rank(group)

@@ -11,7 +11,7 @@ from torch import Tensor
 from .blocks import BlockPlan, storage_dtype
 from .preconditioners.base import tensor_shapes
 
-__all__ = ["check_loaded_state", "copy_to_device", "upgrade_loaded_state"]
+__all__ = ["check_loaded_state", "conform_loaded_cache", "copy_to_device", "upgrade_loaded_state"]
 
 
 def copy_to_device(value: Any, device: torch.device) -> Any:
@@ -34,6 +34,28 @@ def upgrade_loaded_state(state: dict[str, Any], device: torch.device) -> dict[st
     if "precond_updates" in state and "rejected_fits" not in state:
         state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=device)
     return state
+
+
+def _fresh_state(plan: BlockPlan) -> dict[str, Any]:
+    """A new state of the block's family for the block, on the meta device (shapes and dtypes only)."""
+    dtype = storage_dtype(plan.group, plan.key)
+    return plan.family.init_state(plan.shape, plan.group, dtype, torch.device("meta"))
+
+
+def conform_loaded_cache(plan: BlockPlan, state: dict[str, Any]) -> None:
+    """Cast a loaded state's caches (:attr:`~.preconditioners.Preconditioner.cache_keys`, e.g. Kron's
+    ``P``, saved in another ``apply_dtype``) to the dtype the block's options give them now (a list
+    of tensors, which may be shaped under another factor rule, to the dtype of the fresh list)."""
+    keys = [key for key in plan.family.cache_keys if key in state]
+    if not keys:
+        return
+    fresh = _fresh_state(plan)
+    for key in keys:
+        saved, wanted = state[key], fresh[key]
+        if isinstance(saved, list):
+            state[key] = [t.to(wanted[0].dtype) for t in saved]
+        else:
+            state[key] = saved.to(wanted.dtype)
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -64,8 +86,7 @@ def check_loaded_state(plan: BlockPlan, state: Mapping[str, Any], index: int, ow
     if present and len(present) < len(keys) or not present and "precond_updates" in state:
         raise ValueError(f"{where} has keys {sorted(state)}, not those of preconditioner={plan.family.name!r} {keys}")
     if present:
-        dtype = storage_dtype(plan.group, plan.key)
-        fresh = plan.family.init_state(plan.shape, plan.group, dtype, torch.device("meta"))
+        fresh = _fresh_state(plan)
         if not plan.family.made_for(plan.shape, state, fresh):
             key = next((key for key in keys if tensor_shapes(state[key]) != tensor_shapes(fresh[key])), keys[0])
             raise ValueError(

@@ -31,6 +31,8 @@ class Distribution:
     world_size = 1
     #: whether the strategy takes parameters sharded as ``DTensor`` (FSDP2)
     sharded_parameters = False
+    #: whether updates travel between processes in :meth:`exchange` (they leave their owner scaled)
+    exchanges = False
 
     def assign(self, plans: Sequence[BlockPlan]) -> None:
         """Give every block not seen before an owner (an assigned block never moves)."""

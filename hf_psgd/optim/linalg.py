@@ -14,6 +14,7 @@ from torch import Tensor
 
 __all__ = [
     "apply_along",
+    "broadcast_along",
     "from_rows",
     "gram_along",
     "largest_eigenvalue_2x2",
@@ -43,7 +44,8 @@ def from_rows(rows: Tensor, shape: torch.Size, dim: int) -> Tensor:
     return rows.reshape(moved).movedim(-1, dim)
 
 
-def _broadcast_along(q: Tensor, ndim: int, dim: int) -> Tensor:
+def broadcast_along(q: Tensor, ndim: int, dim: int) -> Tensor:
+    """A diagonal factor (length ``n``) viewed to broadcast along ``dim`` of an ``ndim``-dim tensor."""
     shape = [1] * ndim
     shape[dim] = -1
     return q.view(shape)
@@ -72,7 +74,7 @@ def solve_transpose_along(x: Tensor, factor: Tensor, dim: int) -> Tensor:
     which is ``Q^{-T} f`` for every fibre ``f``.
     """
     if factor.ndim == 1:
-        return x / _broadcast_along(factor, x.ndim, dim)
+        return x / broadcast_along(factor, x.ndim, dim)
     rows = torch.linalg.solve_triangular(factor, to_rows(x, dim), upper=True, left=False)
     return from_rows(rows, x.shape, dim)
 

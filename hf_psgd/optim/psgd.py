@@ -29,14 +29,14 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .blocks import BlockPlan, block_statistics, plan_blocks, work_dtype
-from .checkpoint import check_loaded_state, copy_to_device, upgrade_loaded_state
+from .checkpoint import check_loaded_state, conform_loaded_cache, copy_to_device, upgrade_loaded_state
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
 from .distribution import resolve_distribution
 from .fitting import checked_update, fit_preconditioner
 from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
-from .update import all_finite, apply_updates_, guard_updates_
+from .update import all_finite, apply_updates_, guard_scales
 
 __all__ = ["PSGD"]
 
@@ -243,19 +243,32 @@ class PSGD(Optimizer):
         keep = self._distribution.agree(all_finite([local(t) for t in (*grads.values(), *products.values())]))
         self._count_skips(plans, keep)
         for bucket in self._distribution.buckets(plans):
-            updates = self._distribution.exchange(bucket, self._guarded_updates(bucket, grads, products, keep))
+            updates, scales = self._guarded_updates(bucket, grads, products, keep)
+            if self._distribution.exchanges:  # an update leaves its owner scaled, in at least float32
+                updates = {
+                    key: u.to(torch.promote_types(u.dtype, torch.float32)) * scales[key] for key, u in updates.items()
+                }
+                scales = {}
+            updates = self._distribution.exchange(bucket, updates)
+            unscaled = keep.new_ones((), dtype=torch.float32)
             for group in self.param_groups:  # a parameter without gradient never moves
-                params = [p for plan in bucket if plan.group is group for p in plan.params if p in grads]
-                apply_updates_([(local(p), updates[p]) for p in params], group["lr"], group["weight_decay"], keep)
+                triples = [
+                    (local(p), updates[p], scales.get(plan.key, unscaled))
+                    for plan in bucket
+                    if plan.group is group
+                    for p in plan.params
+                    if p in grads
+                ]
+                apply_updates_(triples, group["lr"], group["weight_decay"], keep)
         return loss
 
     def _guarded_updates(
         self, plans: list[BlockPlan], grads: Mapping[Tensor, Tensor], products: Mapping[Tensor, Tensor], keep: Tensor
-    ) -> dict[Tensor, Tensor]:
-        """The guarded update ``u = P m`` of every block this process owns, keyed by ``plan.key`` (zero
-        where ``keep`` is false; the whole gradients the owner gathers for it are freed on return).
-        Each phase runs over all blocks at once: momenta (multi-tensor), fits, ``P m`` (batched by the
-        family), guard."""
+    ) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+        """The update ``u = P m`` of every block this process owns and its guard factor (0-dim; zero
+        where ``keep`` is false), both keyed by ``plan.key`` (the whole gradients the owner gathers for
+        it are freed on return). Each phase runs over all blocks at once: momenta (multi-tensor), fits,
+        ``P m`` (batched by the family), guard."""
         whole_grads = self._distribution.gather_gradients(plans, grads)
         owned = [(plan, step) for plan in plans if (step := self._advance_counters(plan)) is not None]
         gradients = [plan.gather(whole_grads) for plan, _ in owned]
@@ -263,8 +276,8 @@ class PSGD(Optimizer):
         for (plan, step), g, direction in zip(owned, gradients, directions):
             self._fit(plan, step, g, direction, products, keep)
         updates = self._precondition([plan for plan, _ in owned], directions)
-        guard_updates_(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep)
-        return updates
+        scales = guard_scales(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep)
+        return updates, dict(zip(updates, scales))
 
     def _initialises_state(self, closure: Callable[[], Tensor] | None, grads: Mapping[Tensor, Tensor]) -> bool:
         """Whether this step is ``torch.distributed.checkpoint``'s state initialisation (``step()`` with
@@ -403,3 +416,5 @@ class PSGD(Optimizer):
             value = self._distribution.keep_loaded(index in owned, value)
             device = params[index].device
             self.state[params[index]] = upgrade_loaded_state(copy_to_device(value, device), device)
+            if params[index] in plans:
+                conform_loaded_cache(plans[params[index]], self.state[params[index]])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "apply_updates_", "guard_updates_"]
+__all__ = ["all_finite", "apply_updates_", "guard_scales"]
 
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:
@@ -27,29 +27,45 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().all()
 
 
-def guard_updates_(updates: Sequence[Tensor], max_rms: Sequence[float | None], keep: Tensor) -> None:
-    """Scale every ``u`` in place by ``min(1, max_rms sqrt(n) / |u|)`` (its own limit; ``None``: no
-    limit), and by zero where ``keep`` is false. One ``_foreach_norm`` for all; every update is
-    multiplied (by exactly 1 where it is within its limit)."""
+def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The 2-norm of every tensor, accumulated and returned in at least float32 (one ``_foreach_norm``
+    per dtype)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    norms: list[Tensor] = list(tensors)
+    for dtype, members in by_dtype.items():
+        found = torch._foreach_norm([tensors[i] for i in members], 2, dtype=torch.promote_types(dtype, torch.float32))
+        for i, norm in zip(members, found):
+            norms[i] = norm
+    return norms
+
+
+def guard_scales(updates: Sequence[Tensor], max_rms: Sequence[float | None], keep: Tensor) -> list[Tensor]:
+    """The guard's factor of every ``u``: ``min(1, max_rms sqrt(n) / |u|)`` (its own limit; ``None``: no
+    limit), zero where ``keep`` is false; 0-dim tensors on the updates' device. One ``_foreach_norm``
+    per dtype (in at least float32); applied with the parameter update (:func:`apply_updates_`)."""
     if not updates:
-        return
+        return []
     limits = [math.inf if rms is None else rms * math.sqrt(u.numel()) for rms, u in zip(max_rms, updates)]
-    norms = torch._foreach_norm(list(updates))
+    norms = _norms(updates)
     device = norms[0].device
     norms = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
     scales = (torch.tensor(limits, dtype=torch.float64, device=device) / norms.clamp_min(1e-30)).clamp(max=1.0)
     scales = scales * keep.to(device)
-    for update, scale in zip(updates, scales.unbind()):
-        update.mul_(scale.to(update.device))
+    return [scale.to(update.device) for update, scale in zip(updates, scales.unbind())]
 
 
-def apply_updates_(pairs: Sequence[tuple[Tensor, Tensor]], lr: float, weight_decay: float, keep: Tensor) -> None:
-    """``theta <- theta (1 - lr weight_decay) - lr u`` for every ``(theta, u)`` (``u`` cast to
-    ``theta``'s dtype); where ``keep`` is false, no weight decay (the updates are zero already)."""
-    if not pairs:
+def apply_updates_(
+    triples: Sequence[tuple[Tensor, Tensor, Tensor]], lr: float, weight_decay: float, keep: Tensor
+) -> None:
+    """``theta <- theta (1 - lr weight_decay) - lr s u`` for every ``(theta, u, s)`` (``s`` the guard's
+    0-dim factor; one multi-tensor ``addcmul`` into ``theta``'s dtype, whatever ``u``'s); where ``keep``
+    is false, no weight decay (``s`` is zero already)."""
+    if not triples:
         return
-    params = [p for p, _ in pairs]
+    params = [p for p, _, _ in triples]
     if weight_decay > 0:
         decay = torch.tensor(1.0 - lr * weight_decay, dtype=torch.float64, device=keep.device)
         torch._foreach_mul_(params, torch.where(keep, decay, 1.0).to(params[0].device))
-    torch._foreach_add_(params, [u.to(p.dtype) for p, u in pairs], alpha=-lr)
+    torch._foreach_addcmul_(params, [u for _, u, _ in triples], [s for _, _, s in triples], value=-lr)

@@ -3,7 +3,8 @@
 
 Every rank trains a small MLP (dims chosen so that some shards are uneven) for 20 steps with FSDP2
 and PSGD, and a plain copy on the whole batches with an unsharded PSGD. Configurations: Kron, Diag
-and LRA whitening in fp32, and Kron with a bf16 ``MixedPrecisionPolicy``. After 10 steps the Kron run
+and LRA whitening in fp32 (fp32 products: ``apply_dtype="float32"``), and Kron with a bf16
+``MixedPrecisionPolicy`` (and the default bf16 products). After 10 steps the Kron run
 saves through ``torch.distributed.checkpoint`` and the Diag run through Accelerate's
 ``save_fsdp_optimizer``; with the argument ``resume`` one process resumes both (and saves a Kron run
 of its own), two processes resume that one. Then every rank steps with a NaN
@@ -32,7 +33,7 @@ from hf_psgd import PSGD
 from hf_psgd.distributed import end_multiprocess_run
 
 STEPS, HALF = 20, 10
-OPTIONS = dict(lr=0.02, precond_update_prob=0.5)
+OPTIONS = dict(lr=0.02, precond_update_prob=0.5, apply_dtype="float32")
 
 
 def make_model() -> nn.Module:
@@ -65,10 +66,11 @@ def block_bytes(state: dict) -> int:
 
 def run(preconditioner: str, policy: MixedPrecisionPolicy | None, out: Path, save: str | None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
+    options = OPTIONS if policy is None else {**OPTIONS, "apply_dtype": None}
     reference = make_model()
-    reference_opt = PSGD(reference.parameters(), preconditioner=preconditioner, shard_preconditioners=False, **OPTIONS)
+    reference_opt = PSGD(reference.parameters(), preconditioner=preconditioner, shard_preconditioners=False, **options)
     model = shard(make_model(), policy)
-    optimizer = PSGD(model.parameters(), preconditioner=preconditioner, **OPTIONS)
+    optimizer = PSGD(model.parameters(), preconditioner=preconditioner, **options)
     if preconditioner == "kron":  # the tiny model in several buckets, as a large one would be
         optimizer._distribution.min_bucket_bytes = 1
     sent = 0

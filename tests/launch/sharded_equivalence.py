@@ -33,6 +33,8 @@ def parse(options: str) -> dict:
     parsed = {"preconditioner": pairs["preconditioner"], "curvature": pairs["curvature"]}
     if "secant_pairs" in pairs:
         parsed["secant_pairs"] = pairs["secant_pairs"] == "true"
+    if "apply_dtype" in pairs:
+        parsed["apply_dtype"] = pairs["apply_dtype"]
     return parsed
 
 

@@ -56,6 +56,9 @@ class Preconditioner(ABC):
     scope: ClassVar[Literal["tensor", "group"]]
     #: the keys of the state it fits (tensors, or lists of tensors), checked after every fit
     state_keys: ClassVar[tuple[str, ...]]
+    #: those of :attr:`state_keys` derived from the others, kept in the dtype the options give (a
+    #: loaded state's are cast to it)
+    cache_keys: ClassVar[tuple[str, ...]] = ()
     #: the family's own options (fields with defaults; validated by the dataclass)
     options: ClassVar[type[FamilyOptions]] = FamilyOptions
     #: With whitening (``v`` independent of ``h``) the family can take ``E_v`` in closed form and is
@@ -84,7 +87,7 @@ class Preconditioner(ABC):
     @classmethod
     @abstractmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
-        """``P g`` for a block-shaped ``g``, in the state's working dtype (Kron: its storage dtype)."""
+        """``P g`` for a block-shaped ``g``, in the state's working dtype (Kron: its ``apply_dtype``)."""
 
     @classmethod
     def made_for(cls, shape: torch.Size, state: Mapping[str, Any], fresh: Mapping[str, Any]) -> bool:

@@ -8,9 +8,12 @@ first by less (a conv weight ``(out, in, h, w)`` becomes ``(out in h, w)``). Dim
 ``n_i^2 <= max_skew * N`` or, on a tensor of two or more dims, ``n_i <= always_dense_size``; else a
 diagonal one. Scalars and (with ``max_skew <= 1``) vectors are diagonal. The factors' sizes are the
 shape the state works in: a state keeps the factor shapes it was made with. ``P = Q^T Q`` acts on a
-gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``, cached after every fit (in the storage
-dtype, in which preconditioning then runs: bf16 storage means bf16 products) so that preconditioning
-costs one product per dense factor.
+gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``, cached after every fit in ``apply_dtype``
+(default: bfloat16 over float32 factors; the fits stay in float32), in which preconditioning then
+runs: one product per dense factor, and
+the diagonal factors fused into the one pass that casts (and stacks) the blocks' inputs. Blocks of equal
+shape and factor shapes go through one batched product per dim; a large block that needs no copy (no
+cast, no diagonal factor) goes alone, as a view, since stacking would cost a pass over its memory.
 
 Both fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
 running lower bound of the spectral norm of the factor's two terms, so ``mu = precond_lr`` is
@@ -45,13 +48,14 @@ from torch import Tensor
 
 from ..linalg import (
     apply_along,
+    broadcast_along,
     gram_along,
     procrustes_step_,
     solve_transpose_along,
     spd_norm_lower_bound,
     work_dtype,
 )
-from ..validation import FamilyOptions, check, is_int
+from ..validation import DTYPES, FamilyOptions, check, dtype_name, is_int
 from .base import Preconditioner, register_preconditioner, update_lipschitz
 
 __all__ = ["Kron", "KronOptions", "factor_is_dense", "work_shape"]
@@ -59,6 +63,9 @@ __all__ = ["Kron", "KronOptions", "factor_is_dense", "work_shape"]
 
 #: the fit geometries of :class:`Kron` (module docstring)
 KRON_FITS = ("eq", "q0.5eq1.5")
+
+#: a block of more elements that needs no copy is preconditioned alone (a view) instead of stacked
+BATCHED_NUMEL_LIMIT = 1 << 16
 
 
 def work_shape(shape: torch.Size, merge_dims: bool) -> torch.Size:
@@ -91,21 +98,39 @@ def _state_shape(state: Mapping[str, Any]) -> torch.Size:
     return torch.Size(p.shape[0] for p in state["P"])
 
 
+def apply_dtype(options: Mapping[str, Any], storage: torch.dtype) -> torch.dtype:
+    """The dtype of the cached ``P`` and of preconditioning: ``apply_dtype``; if ``None``, bfloat16 over
+    float32 storage, else the storage dtype (float64 stays float64)."""
+    name = dtype_name(options["apply_dtype"], "apply_dtype")
+    if name is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if storage == torch.float32 else storage
+
+
+def _cache_of(q: Tensor) -> Tensor:
+    """``P_i = Q_i^T Q_i`` (the square of a diagonal factor)."""
+    return q.square() if q.ndim == 1 else q.mT @ q
+
+
 @dataclass(frozen=True)
 class KronOptions(FamilyOptions):
     """The factor shapes: dim of size ``n`` of a tensor with ``N`` elements (merged to a matrix with
     ``merge_dims``) gets a dense factor if ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N`` or (on a
     tensor of two or more dims) ``n <= always_dense_size``, else a diagonal one; ``fit``: the geometry
-    of the fit (module docstring)."""
+    of the fit (module docstring); ``apply_dtype``: the dtype of the cached ``P`` and of
+    preconditioning (``None``: bfloat16 over float32 storage, the storage dtype otherwise: bf16
+    products on fp32 factors, the fits staying in fp32; ``"float32"``: fp32 products)."""
 
     max_dense_size: int = 8192
     max_skew: float = 1.0
     always_dense_size: int = 512
     merge_dims: bool = True
     fit: str = "q0.5eq1.5"
+    apply_dtype: torch.dtype | str | None = None
 
     def validate(self) -> None:
         check("fit", self.fit, self.fit in KRON_FITS, f"one of {list(KRON_FITS)}")
+        dtype_name(self.apply_dtype, "apply_dtype")
         size, skew = self.max_dense_size, self.max_skew
         check("max_dense_size", size, is_int(size) and size >= 0, "an int >= 0")
         small = self.always_dense_size
@@ -121,6 +146,7 @@ class Kron(Preconditioner):
 
     name = "kron"
     state_keys = ("Q", "P", "lipschitz")
+    cache_keys = ("P",)
     scope = "tensor"
     integrates_probe = True
     options = KronOptions
@@ -137,9 +163,10 @@ class Kron(Preconditioner):
                 factors.append(torch.eye(n, dtype=dtype, device=device))
             else:
                 factors.append(torch.ones(n, dtype=dtype, device=device))
+        cache = apply_dtype(options, dtype)
         return {
             "Q": factors,
-            "P": [f.clone() for f in factors],
+            "P": [f.to(cache, copy=True) for f in factors],
             "lipschitz": torch.zeros(len(factors), dtype=work_dtype(dtype), device=device),
         }
 
@@ -191,8 +218,10 @@ class Kron(Preconditioner):
         stored = state["Q"]
         factors = [q.to(work_dtype(q.dtype)) for q in stored]
         symmetric = options["fit"] == "q0.5eq1.5"
-        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h against v
-        applied = [p.to(factors[0].dtype) for p in state["P"]] if symmetric else factors
+        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h against v (P recomputed where cached in lower precision)
+        applied = factors
+        if symmetric:
+            applied = [p if p.dtype == q.dtype else _cache_of(q) for p, q in zip(state["P"], factors)]
         shape = _state_shape(state)
         a = cls._apply_all(h.reshape(shape).to(factors[0].dtype), applied)
         terms_b, terms_damping = cls._probe_terms(factors, applied, v, shape, options["damping"], symmetric)
@@ -277,23 +306,45 @@ class Kron(Preconditioner):
 
     @classmethod
     def precondition_many(cls, states: Sequence[dict[str, Any]], gs: Sequence[Tensor]) -> list[Tensor]:
-        """``P g`` of several blocks; blocks of equal shape and factor shapes (e.g. the same layer of
-        every transformer block) in one batched product per dim. Every block, alone or not, goes through
-        the batched product, so that a block's result does not depend on the others in its batch (bit for
-        bit on one CPU thread; with more, a CPU kernel may split batches of different sizes differently,
-        within rounding)."""
+        """``P g`` of several blocks, in their cache's dtype; blocks of equal shape and factor shapes
+        (e.g. the same layer of every transformer block) in one batched product per dense dim, the
+        diagonal factors fused into the cast that stacks the inputs (module docstring). A block's result
+        does not depend on the others in its batch (bit for bit on one CPU thread; with more, a CPU
+        kernel may split batches of different sizes differently, within rounding)."""
         batches: dict[tuple[Any, ...], list[int]] = {}
         for index, (state, g) in enumerate(zip(states, gs)):
             cache = state["P"]
-            batches.setdefault((g.shape, cache[0].dtype, cache[0].device, *(p.shape for p in cache)), []).append(index)
-        results: list[Tensor] = [gs[0]] * len(gs)
+            copied = g.dtype != cache[0].dtype or any(p.ndim == 1 for p in cache)
+            alone = index if not copied and g.numel() > BATCHED_NUMEL_LIMIT else None
+            key = (g.shape, cache[0].dtype, cache[0].device, *(p.shape for p in cache), alone)
+            batches.setdefault(key, []).append(index)
+        results: dict[int, Tensor] = {}
         for (shape, dtype, *_), members in batches.items():
-            x = _stacked([gs[i].reshape(_state_shape(states[i])).to(dtype) for i in members])
-            for dim in range(x.ndim - 1):
-                x = apply_along(x, _stacked([states[i]["P"][dim] for i in members]), dim, batch=1)
-            for i, y in zip(members, x.unbind()):
-                results[i] = y.reshape(shape)
-        return results
+            factors = [_stacked([states[i]["P"][dim] for i in members]) for dim in range(len(states[members[0]]["P"]))]
+            x = cls._stacked_input([gs[i] for i in members], factors, _state_shape(states[members[0]]), dtype)
+            for dim, factor in enumerate(factors):
+                if factor.ndim == 3:
+                    x = apply_along(x, factor, dim, batch=1)
+            results.update((i, y.reshape(shape)) for i, y in zip(members, x.unbind()))
+        return [results[i] for i in range(len(gs))]
+
+    @staticmethod
+    def _stacked_input(gs: list[Tensor], factors: list[Tensor], shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The blocks' ``g`` (reshaped to ``shape``) stacked in ``dtype``, with every diagonal factor of
+        ``factors`` (stacked, ``(B, n)`` or ``(B, n, n)``) applied: the first one fused into the pass
+        that casts and stacks. One block that needs neither: a view."""
+        diagonal = [dim for dim, factor in enumerate(factors) if factor.ndim == 2]
+        if len(gs) == 1 and gs[0].dtype == dtype and not diagonal:
+            return gs[0].reshape(shape).unsqueeze(0)
+        x = torch.empty((len(gs), *shape), dtype=dtype, device=gs[0].device)
+        for slot, g, *first in zip(x, gs, *[factors[dim] for dim in diagonal[:1]]):
+            if first:
+                torch.mul(g.reshape(shape), broadcast_along(first[0], len(shape), diagonal[0]), out=slot)
+            else:
+                slot.copy_(g.reshape(shape))
+        for dim in diagonal[1:]:
+            x = apply_along(x, factors[dim], dim, batch=1)
+        return x
 
     @classmethod
     def mean_diagonal(cls, state: dict[str, Any]) -> Tensor:
@@ -313,5 +364,4 @@ class Kron(Preconditioner):
     @staticmethod
     def _refresh_cache(state: dict[str, Any]) -> None:
         for p, q in zip(state["P"], state["Q"]):
-            qw = q.to(work_dtype(q.dtype))
-            p.copy_(qw.square() if q.ndim == 1 else qw.mT @ qw)
+            p.copy_(_cache_of(q.to(work_dtype(q.dtype))))
