@@ -273,6 +273,12 @@ def all_configs() -> list[Config]:
             Switch("precond_update_prob", TINY_PROB, in_groups=True),
         ),
         Config(
+            "psgd-kron-bf16fit",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, fit_dtype='bfloat16'): the fit's "
+            "products over the block (A = P h and its Grams) in bf16",
+            partial(make_psgd, fit_dtype="bfloat16"),
+        ),
+        Config(
             "psgd-kron-eq",
             "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, fit='eq'): the triangular fit, "
             "the default before 0.2 (the default fit='q0.5eq1.5' is psgd_torch's newest: no solves)",

@@ -55,14 +55,15 @@ def test_diag_hvp_fits_inverse_abs_diagonal_hessian() -> None:
     torch.testing.assert_close(fitted * diagonal.abs(), torch.ones(6, dtype=torch.float64), rtol=1e-3, atol=0)
 
 
-@FITS
-def test_kron_whitening_fits_inverse_sqrt_covariance(fit: str, device: torch.device) -> None:
-    """Gradients G = C1^{1/2} Z C2^{1/2} (Z white) have covariance C1 (x) C2: P -> C^{-1/2}."""
+@pytest.mark.parametrize(("fit", "fit_dtype"), [("eq", None), ("q0.5eq1.5", None), ("q0.5eq1.5", "bfloat16")])
+def test_kron_whitening_fits_inverse_sqrt_covariance(fit: str, fit_dtype: str | None, device: torch.device) -> None:
+    """Gradients G = C1^{1/2} Z C2^{1/2} (Z white) have covariance C1 (x) C2: P -> C^{-1/2} (also with the
+    fit's products over the block in bf16)."""
     m, n = 4, 3
     c1, c2 = random_symmetric(m, 0.5, 4.0, seed=3), random_symmetric(n, 0.5, 4.0, seed=4)
     s1, s2 = matrix_power(c1, 0.5).to(device), matrix_power(c2, 0.5).to(device)
     x = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64, device=device))
-    opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf, fit=fit)
+    opt = _fit_only(x, curvature="whiten", precond_lr=0.1, max_skew=math.inf, fit=fit, fit_dtype=fit_dtype)
     gen = torch.Generator().manual_seed(0)
     for t in range(6000):
         opt.param_groups[0]["precond_lr"] = 0.1 if t < 2000 else 0.01

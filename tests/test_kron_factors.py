@@ -94,7 +94,13 @@ def test_a_state_of_another_block_is_still_refused() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("always_dense_size", -1), ("always_dense_size", 2.5), ("merge_dims", 1), ("apply_dtype", "int8")],
+    [
+        ("always_dense_size", -1),
+        ("always_dense_size", 2.5),
+        ("merge_dims", 1),
+        ("apply_dtype", "int8"),
+        ("fit_dtype", "half precision"),
+    ],
 )
 def test_bad_factor_options_are_named(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=key):

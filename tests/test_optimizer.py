@@ -218,7 +218,10 @@ def test_update_guard_caps_update_rms_per_tensor_and_group() -> None:
     def run(max_update_rms: float | None) -> list[torch.Tensor]:
         params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((10, 10), (4, 3), (6,))]
         groups = [{"params": params[:2], "max_update_rms": max_update_rms}, {"params": params[2:]}]
-        opt = PSGD(groups, lr=1.0, momentum=0.0, precond_init_scale=1.0, precond_update_prob=1e-6, max_update_rms=None)
+        opt = PSGD(
+            groups, lr=1.0, momentum=0.0, precond_init_scale=1.0, precond_update_prob=1e-6, max_update_rms=None,
+            adam_floor=None,
+        )  # fmt: skip
         for p, value in zip(params, (1e6, 0.25, 1e6)):
             p.grad = torch.full(p.shape, value)
         opt.step()

@@ -52,7 +52,7 @@ TINY = {  # without warmup, and for classification a higher rate: the 2 steps le
     "text_classification.yaml": [
         *("--max_train_samples", "32", "--max_eval_samples", str(CLASSIFICATION_EVAL_ROWS)),
         *("--per_device_train_batch_size", "16", "--max_seq_length", "16"),
-        *("--warmup_steps", "0", "--learning_rate", "6e-4"),
+        *("--warmup_steps", "0", "--learning_rate", "3e-4"),
     ],
     "sft_lora.yaml": ["--max_eval_samples", "8", "--per_device_train_batch_size", "4"],
 }

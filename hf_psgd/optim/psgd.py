@@ -7,7 +7,8 @@ One step, for every block (a tensor, or a whole param group for the whole-vector
 2. On update steps (deterministic credit schedule, :mod:`.schedules`): fit ``Q`` on one pair
    ``(v, h)`` from the group's curvature source (:mod:`.curvature`, :mod:`.fitting`); with
    ``secant_pairs`` also, every step, on the last step's secant pair (:mod:`.secant`).
-3. ``u = P m``; the update-size guard scales ``u`` down to RMS ``<= max_update_rms`` (:mod:`.update`).
+3. ``u = P m``; the update-size guard scales ``u`` to an RMS between Adam's for ``m`` (with whitening,
+   ``adam_floor``) and ``max_update_rms`` (:mod:`.update`).
 4. ``theta <- theta (1 - lr weight_decay) - lr u`` (decoupled weight decay).
 
 A non-finite gradient or ``H v`` anywhere masks the step on every process, decided on the device
@@ -36,7 +37,7 @@ from .fitting import checked_update, fit_preconditioner
 from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
-from .update import all_finite, apply_updates_, guard_scales
+from .update import adam_floors, all_finite, apply_updates_, guard_scales, tensor_norms
 
 __all__ = ["PSGD"]
 
@@ -67,6 +68,10 @@ class PSGD(Optimizer):
         precond_update_prob: a constant probability or a schedule dict (:mod:`.schedules`).
         precond_init_scale: initial ``Q = scale I``; ``None`` sets it from the first pair (:mod:`.fitting`).
         max_update_rms: guard: ``P m`` scaled down to this RMS per block; ``None`` disables it.
+        adam_floor: with ``curvature="whiten"``, ``P m`` scaled up, where smaller, to ``adam_floor``
+            times the RMS of Adam's step for ``m`` with one second moment per block
+            (:func:`~.update.adam_floors`): whitening takes far smaller steps than Adam where gradients
+            are consistent (fine-tuning). ``None`` (or 0): no floor.
         damping: ``h + damping v`` is fitted instead of ``h`` (bounds ``P`` by ``1 / damping``).
         whiten_momentum: with ``curvature="whiten"``, fit on the momentum instead of the gradient.
         secant_pairs: with ``"hvp"`` or ``"fd"``, also fit on the last step's secant pair (:mod:`.secant`).
@@ -104,6 +109,7 @@ class PSGD(Optimizer):
         precond_update_prob: Schedule = DEFAULT_UPDATE_SCHEDULE,
         precond_init_scale: float | None = None,
         max_update_rms: float | None = 1.1,
+        adam_floor: float | None = 0.5,
         damping: float = 1e-9,
         whiten_momentum: bool = False,
         secant_pairs: bool = False,
@@ -240,10 +246,12 @@ class PSGD(Optimizer):
         self._distribution.average_([products[p] for p, (c, _) in probes.items() if c == "fd" or p not in handed])
 
         local = self._distribution.local
-        keep = self._distribution.agree(all_finite([local(t) for t in (*grads.values(), *products.values())]))
+        grad_norms = dict(zip(grads, tensor_norms([local(g) for g in grads.values()])))
+        product_norms = tensor_norms([local(t) for t in products.values()])
+        keep = self._distribution.agree(all_finite([*grad_norms.values(), *product_norms]))
         self._count_skips(plans, keep)
         for bucket in self._distribution.buckets(plans):
-            updates, scales = self._guarded_updates(bucket, grads, products, keep)
+            updates, scales = self._guarded_updates(bucket, grads, products, keep, grad_norms)
             if self._distribution.exchanges:  # an update leaves its owner scaled, in at least float32
                 updates = {
                     key: u.to(torch.promote_types(u.dtype, torch.float32)) * scales[key] for key, u in updates.items()
@@ -263,12 +271,18 @@ class PSGD(Optimizer):
         return loss
 
     def _guarded_updates(
-        self, plans: list[BlockPlan], grads: Mapping[Tensor, Tensor], products: Mapping[Tensor, Tensor], keep: Tensor
+        self,
+        plans: list[BlockPlan],
+        grads: Mapping[Tensor, Tensor],
+        products: Mapping[Tensor, Tensor],
+        keep: Tensor,
+        grad_norms: Mapping[Tensor, Tensor],
     ) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
         """The update ``u = P m`` of every block this process owns and its guard factor (0-dim; zero
         where ``keep`` is false), both keyed by ``plan.key`` (the whole gradients the owner gathers for
-        it are freed on return). Each phase runs over all blocks at once: momenta (multi-tensor), fits,
-        ``P m`` (batched by the family), guard."""
+        it are freed on return; ``grad_norms``: the norm of what this process holds of each gradient).
+        Each phase runs over all blocks at once: momenta (multi-tensor), fits, ``P m`` (batched by the
+        family), guard."""
         whole_grads = self._distribution.gather_gradients(plans, grads)
         owned = [(plan, step) for plan in plans if (step := self._advance_counters(plan)) is not None]
         gradients = [plan.gather(whole_grads) for plan, _ in owned]
@@ -276,8 +290,35 @@ class PSGD(Optimizer):
         for (plan, step), g, direction in zip(owned, gradients, directions):
             self._fit(plan, step, g, direction, products, keep)
         updates = self._precondition([plan for plan, _ in owned], directions)
-        scales = guard_scales(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep)
+        floors = self._adam_floors(owned, gradients, directions, keep, grad_norms)
+        scales = guard_scales(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep, floors)
         return updates, dict(zip(updates, scales))
+
+    def _adam_floors(
+        self,
+        owned: list[tuple[BlockPlan, int]],
+        gradients: list[Tensor],
+        directions: list[Tensor],
+        keep: Tensor,
+        grad_norms: Mapping[Tensor, Tensor],
+    ) -> list[Tensor | None]:
+        """``adam_floor`` times Adam's update RMS for every owned block whose group whitens with a floor
+        (``None`` for the others), its gradient energy moved (:func:`~.update.adam_floors`). A block's gradient norm
+        comes from its parameters' norms where this process holds them whole, else from ``gradients``."""
+        floored = [
+            i for i, (plan, _) in enumerate(owned) if plan.group["adam_floor"] and plan.group["curvature"] == "whiten"
+        ]
+        if self._distribution.sharded_parameters:
+            norms = tensor_norms([gradients[i] for i in floored])
+        else:
+            members = [[grad_norms[p] for p in owned[i][0].params if p in grad_norms] for i in floored]
+            norms = [torch.stack(n).square().sum().sqrt() if len(n) > 1 else n[0] for n in members]
+        energies = [self.state[owned[i][0].key]["grad_energy"] for i in floored]
+        found = adam_floors(energies, norms, [directions[i] for i in floored], keep)
+        floors: list[Tensor | None] = [None] * len(owned)
+        for i, floor in zip(floored, found):
+            floors[i] = floor * owned[i][0].group["adam_floor"]
+        return floors
 
     def _initialises_state(self, closure: Callable[[], Tensor] | None, grads: Mapping[Tensor, Tensor]) -> bool:
         """Whether this step is ``torch.distributed.checkpoint``'s state initialisation (``step()`` with

@@ -1,5 +1,5 @@
-"""The parameter update: the non-finite check, the update-size guard and the decoupled
-weight-decay step.
+"""The parameter update: the non-finite check, the update-size guard (with Adam's floor) and the
+decoupled weight-decay step.
 
 Plain functions over lists of tensors, as ``torch.optim.adamw``'s functional core: the shell
 gathers the blocks' updates ``u = P m`` and calls them once per step. None of them synchronises with
@@ -15,19 +15,22 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "apply_updates_", "guard_scales"]
+__all__ = ["ADAM_BETA2", "adam_floors", "all_finite", "apply_updates_", "guard_scales", "tensor_norms"]
+
+#: EMA factor of the mean squared gradient behind :func:`adam_floors` (Adam's default ``beta2``)
+ADAM_BETA2 = 0.999
 
 
-def all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """Whether every tensor is free of NaN and Inf: a 0-dim bool tensor on the first tensor's device
-    (one ``_foreach_norm``; no host sync)."""
-    if not tensors:
+def all_finite(norms: Sequence[Tensor]) -> Tensor:
+    """Whether every tensor whose 2-norm is in ``norms`` (:func:`tensor_norms`) is free of NaN and Inf
+    (a NaN or Inf makes its norm non-finite): a 0-dim bool tensor on the first norm's device (no host
+    sync)."""
+    if not norms:
         return torch.ones((), dtype=torch.bool)
-    norms = torch._foreach_norm(list(tensors))
     return torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().all()
 
 
-def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The 2-norm of every tensor, accumulated and returned in at least float32 (one ``_foreach_norm``
     per dtype)."""
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -41,18 +44,51 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return norms
 
 
-def guard_scales(updates: Sequence[Tensor], max_rms: Sequence[float | None], keep: Tensor) -> list[Tensor]:
-    """The guard's factor of every ``u``: ``min(1, max_rms sqrt(n) / |u|)`` (its own limit; ``None``: no
-    limit), zero where ``keep`` is false; 0-dim tensors on the updates' device. One ``_foreach_norm``
-    per dtype (in at least float32); applied with the parameter update (:func:`apply_updates_`)."""
+def adam_floors(
+    energies: Sequence[Tensor], gradient_norms: Sequence[Tensor], directions: Sequence[Tensor], keep: Tensor
+) -> list[Tensor]:
+    """Adam's update RMS for every block: ``rms(m) / sqrt(v)`` with ``m`` the block's direction (its
+    momentum) and ``v`` the bias-corrected EMA (:data:`ADAM_BETA2`) of its mean squared gradient (from
+    ``gradient_norms``, the blocks' gradients' 2-norms): what Adam's step ``m / sqrt(v)`` would measure
+    if ``v`` were one number per block. Whitening's step is much smaller than that where the gradient is
+    consistent rather than noisy (fine-tuning: a rank-one gradient ``s`` is whitened to ``s / |s|``,
+    RMS ``1 / sqrt(N)``), so the guard lifts an update to a fraction of it (:func:`guard_scales`).
+    ``energies``: per block a ``(2,)`` tensor ``(EMA of mean g^2, EMA weight)``, moved in place where
+    ``keep`` is true. No host synchronisation."""
+    if not energies:
+        return []
+    device = energies[0].device
+    sizes = [max(m.numel(), 1) for m in directions]
+    mean_squares = torch.stack([n.to(device).square() / size for n, size in zip(gradient_norms, sizes)])
+    rms = torch.stack([n.to(device) / math.sqrt(size) for n, size in zip(tensor_norms(directions), sizes)])
+    stacked = torch.stack(list(energies))
+    target = torch.stack([mean_squares, torch.ones_like(mean_squares)], dim=1).to(stacked.dtype)
+    moved = torch.where(keep.to(device), torch.lerp(stacked, target, 1 - ADAM_BETA2), stacked)
+    torch._foreach_copy_(list(energies), list(moved.unbind()))
+    second_moment = moved[:, 0] / moved[:, 1].clamp_min(torch.finfo(moved.dtype).tiny)
+    return list((rms / second_moment.sqrt().clamp_min(1e-30)).unbind())
+
+
+def guard_scales(
+    updates: Sequence[Tensor], max_rms: Sequence[float | None], keep: Tensor, floors: Sequence[Tensor | None] = ()
+) -> list[Tensor]:
+    """The guard's factor of every ``u``: its RMS moved into ``[floor, max_rms]`` (``floors``: Adam's
+    RMS from :func:`adam_floors`, or ``None``; ``max_rms`` ``None``: no cap; the cap wins), zero where
+    ``keep`` is false; 0-dim tensors on the updates' device. One ``_foreach_norm`` per dtype (in at
+    least float32); applied with the parameter update (:func:`apply_updates_`)."""
     if not updates:
         return []
     limits = [math.inf if rms is None else rms * math.sqrt(u.numel()) for rms, u in zip(max_rms, updates)]
-    norms = _norms(updates)
+    norms = tensor_norms(updates)
     device = norms[0].device
     norms = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
-    scales = (torch.tensor(limits, dtype=torch.float64, device=device) / norms.clamp_min(1e-30)).clamp(max=1.0)
-    scales = scales * keep.to(device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    floors = floors or [None] * len(updates)
+    lows = [zero if f is None else f.to(device, torch.float64) * math.sqrt(u.numel()) for f, u in zip(floors, updates)]
+    targets = torch.minimum(
+        torch.maximum(norms, torch.stack(lows)), torch.tensor(limits, dtype=torch.float64, device=device)
+    )
+    scales = targets / norms.clamp_min(1e-30) * keep.to(device)
     return [scale.to(update.device) for update, scale in zip(updates, scales.unbind())]
 
 

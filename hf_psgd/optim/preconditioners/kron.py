@@ -14,6 +14,7 @@ runs: one product per dense factor, and
 the diagonal factors fused into the one pass that casts (and stacks) the blocks' inputs. Blocks of equal
 shape and factor shapes go through one batched product per dim; a large block that needs no copy (no
 cast, no diagonal factor) goes alone, as a view, since stacking would cost a pass over its memory.
+``fit_dtype="bfloat16"`` runs the fit's products over the block (``A`` below and its Grams) in bf16 too.
 
 Both fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
 running lower bound of the spectral norm of the factor's two terms, so ``mu = precond_lr`` is
@@ -119,7 +120,10 @@ class KronOptions(FamilyOptions):
     tensor of two or more dims) ``n <= always_dense_size``, else a diagonal one; ``fit``: the geometry
     of the fit (module docstring); ``apply_dtype``: the dtype of the cached ``P`` and of
     preconditioning (``None``: bfloat16 over float32 storage, the storage dtype otherwise: bf16
-    products on fp32 factors, the fits staying in fp32; ``"float32"``: fp32 products)."""
+    products on fp32 factors, the fits staying in fp32; ``"float32"``: fp32 products); ``fit_dtype``: the
+    dtype of the fit's products over the whole block (``A`` and its Grams, ``4 N n_i`` multiply-adds per
+    dense factor; ``None``: the work dtype, float32), the factor algebra (``n_i^3``) staying in the work
+    dtype."""
 
     max_dense_size: int = 8192
     max_skew: float = 1.0
@@ -127,10 +131,12 @@ class KronOptions(FamilyOptions):
     merge_dims: bool = True
     fit: str = "q0.5eq1.5"
     apply_dtype: torch.dtype | str | None = None
+    fit_dtype: torch.dtype | str | None = None
 
     def validate(self) -> None:
         check("fit", self.fit, self.fit in KRON_FITS, f"one of {list(KRON_FITS)}")
         dtype_name(self.apply_dtype, "apply_dtype")
+        dtype_name(self.fit_dtype, "fit_dtype")
         size, skew = self.max_dense_size, self.max_skew
         check("max_dense_size", size, is_int(size) and size >= 0, "an int >= 0")
         small = self.always_dense_size
@@ -218,17 +224,17 @@ class Kron(Preconditioner):
         stored = state["Q"]
         factors = [q.to(work_dtype(q.dtype)) for q in stored]
         symmetric = options["fit"] == "q0.5eq1.5"
-        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h against v (P recomputed where cached in lower precision)
-        applied = factors
-        if symmetric:
-            applied = [p if p.dtype == q.dtype else _cache_of(q) for p, q in zip(state["P"], factors)]
+        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h (the cached P, lifted) against v
+        applied = [p.to(factors[0].dtype) for p in state["P"]] if symmetric else factors
         shape = _state_shape(state)
-        a = cls._apply_all(h.reshape(shape).to(factors[0].dtype), applied)
+        low = dtype_name(options["fit_dtype"], "fit_dtype")  # the products over the block: A and its Grams
+        products = factors[0].dtype if low is None else DTYPES[low]
+        a = cls._apply_all(h.reshape(shape).to(products), [f.to(products) for f in applied])
         terms_b, terms_damping = cls._probe_terms(factors, applied, v, shape, options["damping"], symmetric)
         lipschitz = state["lipschitz"]
         for dim, q in enumerate(factors):
             diagonal = q.ndim == 1
-            term_a = gram_along(a, dim, diagonal)
+            term_a = gram_along(a, dim, diagonal).to(q.dtype)
             if terms_damping[dim] is not None:
                 term_a += terms_damping[dim]
             total = term_a + terms_b[dim]
