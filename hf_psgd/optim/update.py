@@ -72,8 +72,9 @@ def adam_floors(
 def guard_scales(
     updates: Sequence[Tensor], max_rms: Sequence[float | None], keep: Tensor, floors: Sequence[Tensor | None] = ()
 ) -> list[Tensor]:
-    """The guard's factor of every ``u``: its RMS moved into ``[floor, max_rms]`` (``floors``: Adam's
-    RMS from :func:`adam_floors`, or ``None``; ``max_rms`` ``None``: no cap; the cap wins), zero where
+    """The guard's factor of every ``u``: its RMS moved into ``[floor, max_rms]`` (``floors``: the lowest
+    RMS, ``adam_floor`` times :func:`adam_floors`', or ``None``; ``max_rms`` ``None``: no cap; the cap
+    wins), zero where
     ``keep`` is false; 0-dim tensors on the updates' device. One ``_foreach_norm`` per dtype (in at
     least float32); applied with the parameter update (:func:`apply_updates_`)."""
     if not updates:
