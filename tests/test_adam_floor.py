@@ -78,6 +78,22 @@ def test_the_cap_wins_over_the_floor_and_a_spike_does_not_lift_later_steps() -> 
     assert (energy[0] / energy[1]).item() > 1e6  # the spike is in the second moment: later floors shrink
 
 
+def test_a_long_run_of_zero_gradients_then_a_gradient_gives_a_bounded_finite_step() -> None:
+    """After 300 zero gradients the second moment has decayed while the momentum of the returning
+    gradient has not (Adam's own large first step back); the cap bounds the lifted step, nothing is NaN."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.Parameter(torch.zeros(12, 10))
+    opt = PSGD([x], lr=1.0, max_update_rms=1.1)
+    for step in range(320):
+        before = x.detach().clone()
+        x.grad = torch.randn(12, 10, generator=generator) if step < 10 or step >= 310 else torch.zeros(12, 10)
+        opt.step()
+        size = _rms(x.detach() - before)
+        assert math.isfinite(size) and size <= 1.1 * (1 + 1e-5), (step, size)
+    energy = opt.state[x]["grad_energy"]
+    assert bool(energy.isfinite().all()) and energy[0].item() > 0
+
+
 @pytest.mark.parametrize("options", [{"adam_floor": None}, {"adam_floor": 0.0}, {"curvature": "hvp"}])
 def test_no_floor_without_the_option_or_with_exact_hvp(options: dict) -> None:
     x = torch.nn.Parameter(torch.randn(6, 5))

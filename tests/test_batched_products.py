@@ -42,6 +42,7 @@ def _states(family: str, options: dict, dtype: torch.dtype = torch.float32) -> t
         ("kron", {"always_dense_size": 0, "merge_dims": False}, torch.float32),  # dense and diagonal factors
         ("kron", {}, torch.bfloat16),
         ("kron", {"apply_dtype": "bfloat16"}, torch.float32),  # bf16 products on fp32 factors
+        ("kron", {"apply_dtype": "float32"}, torch.float32),  # no cast: the (260, 260) blocks go alone, as views
         ("kron", {"fit": "eq"}, torch.float64),
         ("diag", {}, torch.float32),
     ],
