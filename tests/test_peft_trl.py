@@ -92,6 +92,11 @@ def test_trl_sft_with_lora_and_hvp(tmp_path: Path) -> None:
     assert all({"entropy", "mean_token_accuracy", "num_tokens"} <= set(logs) for logs in trainer.state.log_history[:4])
 
 
+def test_plain_sft_trainer_with_a_psgd_name_is_refused_when_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"needs hf_psgd\.PSGDTrainer \(hf_psgd\.PSGDSFTTrainer for TRL.*SFTTrainer"):
+        _sft_trainer(SFTTrainer, PSGDSFTConfig, tmp_path, max_steps=1, optim="psgd_kron")
+
+
 def test_trl_metrics_of_an_hvp_step_are_those_of_sft_trainer(tmp_path: Path) -> None:
     """Step 1 fits from exact H v; TRL's metrics of it (taken before the optimizer step) and its loss equal
     SFTTrainer's with AdamW on the same weights and batch (DFT: a loss other than plain cross-entropy), and

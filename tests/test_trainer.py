@@ -272,6 +272,17 @@ def test_plain_trainer_with_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_plain_trainer_with_a_psgd_name_is_refused_when_built(tmp_path: Path) -> None:
+    """transformers has no public registry of optimizer names: plain Trainer would fail at train() with its
+    own message; it is refused at construction, naming PSGDTrainer. Given an optimizer, the name is unused."""
+    args = _args(tmp_path, optim="psgd_kron", optim_args=None, max_steps=1)
+    assert args.get_process_log_level() >= 0  # outside a Trainer (example scripts call it first)
+    with pytest.raises(ValueError, match=r"optim='psgd_kron' needs hf_psgd\.PSGDTrainer .*bases of Trainer"):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset())
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset(), optimizer_cls_and_kwargs=(PSGD, {}))
+    PSGDTrainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset())
+
+
 def test_plain_trainer_with_hvp_says_to_use_psgd_trainer(tmp_path: Path) -> None:
     """Plain Trainer's backward keeps no graph: the first fitting step says what gives one."""
     args = _args(tmp_path, optim="adamw_torch", optim_args=None, max_steps=1)

@@ -8,7 +8,9 @@ everything else with a built-in name in place of ours, then puts our name back. 
 arguments and validated by PSGD itself, so a bad key or value fails when the arguments are built.
 The update schedule is a number (constant probability) or its keys as ``key:value`` pairs joined by
 ``;`` (``precond_update_prob=flat_steps:100;decay:0.01``; keys left out keep their defaults).
-``curvature=fd`` is refused: Trainer calls ``step()`` without the closure it needs. Without an
+``curvature=fd`` is refused: Trainer calls ``step()`` without the closure it needs. A Trainer that would
+hand a PSGD name to transformers' own optimizer table (plain ``Trainer``, ``SFTTrainer``: transformers
+has no public registry of optimizer names) is refused when it is built, naming ``PSGDTrainer``. Without an
 accelerator ``dataloader_pin_memory`` defaults to false (pinning needs one). ``learning_rate``
 defaults to ``None``: PSGD's default for the chosen curvature with a PSGD name (logged once), the
 base class's default (Trainer's 5e-5, ``SFTConfig``'s 2e-5) otherwise; a value given is kept.
@@ -17,11 +19,12 @@ base class's default (Trainer's 5e-5, ``SFTConfig``'s 2e-5) otherwise; a value g
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from ..optim import PRECONDITIONERS, PSGD, default_learning_rate
 
@@ -218,6 +221,12 @@ class PSGDArgumentsMixin:
             self.optim = name
         self._refuse_unsupported_fsdp(kwargs.get("curvature", PSGD.option_specs()["curvature"][0]))
 
+    def get_process_log_level(self) -> int:
+        """The base class's log level. ``Trainer.__init__`` asks for it first, so a Trainer that would
+        pass a PSGD name to transformers' optimizer table is refused here (:func:`_refuse_foreign_trainer`)."""
+        _refuse_foreign_trainer(self.optim, sys._getframe(1))
+        return super().get_process_log_level()
+
     def _refuse_unsupported_fsdp(self, curvature: str) -> None:
         """FSDP1 (flat parameters) and ``H v`` under FSDP2, refused before the model is touched, in one
         line that says what works."""
@@ -235,6 +244,24 @@ class PSGDArgumentsMixin:
                 "the whole parameters, which FSDP2 gathers only inside forward and backward; use curvature=whiten "
                 "under fsdp, or DDP"
             )
+
+
+def _refuse_foreign_trainer(optim: Any, caller: Any) -> None:
+    """Raise if ``caller`` (a frame) is the ``__init__`` of a Trainer that would look the PSGD name ``optim``
+    up in transformers' table of built-in optimizers and fail at ``train()``: one that does not answer
+    names itself (no ``get_optimizer_cls_and_kwargs`` of its own, as ``PSGDTrainerMixin`` has) and is
+    given no optimizer (its ``optimizers`` and ``optimizer_cls_and_kwargs`` arguments)."""
+    trainer, given = caller.f_locals.get("self"), caller.f_locals
+    if not is_psgd_optimizer_name(optim) or not isinstance(trainer, Trainer):
+        return
+    answers_names = type(trainer).get_optimizer_cls_and_kwargs is not Trainer.get_optimizer_cls_and_kwargs
+    optimizer_given = given.get("optimizer_cls_and_kwargs") is not None or (given.get("optimizers") or (None,))[0]
+    if not answers_names and not optimizer_given:
+        name = type(trainer).__name__
+        raise ValueError(
+            f"optim={optim!r} needs hf_psgd.PSGDTrainer (hf_psgd.PSGDSFTTrainer for TRL, or PSGDTrainerMixin first "
+            f"in the bases of {name}): {name} hands optimizer names to transformers, which does not know PSGD's"
+        )
 
 
 def _base_default(cls: type, name: str) -> Any:
