@@ -252,7 +252,7 @@ def _refuse_foreign_trainer(optim: Any, caller: Any) -> None:
     names itself (no ``get_optimizer_cls_and_kwargs`` of its own, as ``PSGDTrainerMixin`` has) and is
     given no optimizer (its ``optimizers`` and ``optimizer_cls_and_kwargs`` arguments)."""
     trainer, given = caller.f_locals.get("self"), caller.f_locals
-    if not is_psgd_optimizer_name(optim) or not isinstance(trainer, Trainer):
+    if not is_psgd_optimizer_name(optim) or not isinstance(trainer, Trainer) or caller.f_code.co_name != "__init__":
         return
     answers_names = type(trainer).get_optimizer_cls_and_kwargs is not Trainer.get_optimizer_cls_and_kwargs
     optimizer_given = given.get("optimizer_cls_and_kwargs") is not None or (given.get("optimizers") or (None,))[0]
