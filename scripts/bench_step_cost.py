@@ -285,6 +285,12 @@ def all_configs() -> list[Config]:
             partial(make_psgd, fit="eq"),
         ),
         Config(
+            "psgd-kron-pro4p",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, fit='pro4p'): psgd_torch's PRO4P, "
+            "the factors of P fitted and stored (no Q^T Q), three third-order Procrustes steps a dense factor",
+            partial(make_psgd, fit="pro4p"),
+        ),
+        Config(
             "psgd-kron-hvp",
             "hf_psgd PSGD(lr=1e-3, curvature='hvp', precond_update_prob=1.0); loss.backward(create_graph=True) "
             "in the iteration, H v inside step()",

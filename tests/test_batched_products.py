@@ -44,6 +44,8 @@ def _states(family: str, options: dict, dtype: torch.dtype = torch.float32) -> t
         ("kron", {"apply_dtype": "bfloat16"}, torch.float32),  # bf16 products on fp32 factors
         ("kron", {"apply_dtype": "float32"}, torch.float32),  # no cast: the (260, 260) blocks go alone, as views
         ("kron", {"fit": "eq"}, torch.float64),
+        ("kron", {"fit": "pro4p"}, torch.float32),  # the fitted factors are P's: the cache is their cast
+        ("kron", {"fit": "pro4p", "always_dense_size": 0}, torch.float64),
         ("diag", {}, torch.float32),
     ],
 )

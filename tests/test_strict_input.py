@@ -176,5 +176,5 @@ def test_a_refused_initialisation_leaves_no_half_made_state() -> None:
 
 
 def test_an_unknown_kron_fit_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"fit='q05' is invalid: expected one of \['eq', 'q0.5eq1.5'\]"):
+    with pytest.raises(ValueError, match=r"fit='q05' is invalid: expected one of \['eq', 'q0.5eq1.5', 'pro4p'\]"):
         PSGD([torch.nn.Parameter(torch.ones(2))], fit="q05")

@@ -65,6 +65,7 @@ def test_the_counter_sees_each_kind_of_host_sync(monkeypatch: pytest.MonkeyPatch
     [
         {},  # the defaults: Kron, whitening, the update schedule, the guard
         {"precond_update_prob": 1.0, "weight_decay": 0.1},  # a fit on every step
+        {"precond_update_prob": 1.0, "fit": "pro4p"},  # its Procrustes steps: a fixed number, no loop to exit
         {"preconditioner": "diag", "precond_update_prob": 1.0},
         {"preconditioner": "xmat", "precond_update_prob": 1.0},
         {"curvature": "hvp", "precond_update_prob": 1.0},  # exact H v from a closure

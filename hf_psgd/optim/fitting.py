@@ -45,7 +45,9 @@ def checked_update(
 ) -> None:
     """``family.update(state, v, h, options)``, undone where ``keep`` is false (a masked step),
     ``raw_h`` (``h`` before damping) is all zeros or any fitted tensor comes out non-finite;
-    ``state["rejected_fits"]`` counts the undone."""
+    ``state["rejected_fits"]`` counts the undone. The state is conformed to ``options`` first
+    (:meth:`~.preconditioners.Preconditioner.conform_state`), which no rejection undoes."""
+    family.conform_state(state, options)
     tensors = fitted_tensors(family, state)
     saved = [t.clone() for t in tensors]
     family.update(state, v, h, options)

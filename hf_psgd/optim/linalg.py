@@ -19,6 +19,7 @@ __all__ = [
     "gram_along",
     "largest_eigenvalue_2x2",
     "power_of_two_scale",
+    "procrustes_step3_",
     "procrustes_step_",
     "solve_transpose_along",
     "spd_norm_lower_bound",
@@ -133,11 +134,36 @@ def procrustes_step_(q: Tensor, max_step: float = 0.125) -> None:
     to ``|a R|^4 / 4`` while ``Q`` moves towards the symmetric positive definite root of ``Q^T Q``
     (Li's psgd_torch, ``procrustes_step2``). Matrix products only; no host synchronisation.
     """
-    r = q.mT - q
-    r = r / spd_norm_lower_bound(r).clamp_min(torch.finfo(q.dtype).tiny)
+    r = _rotation_generator(q)
     rq = r @ q
     rrq = r @ rq
     trace_rq, trace_rrq = rq.diagonal().sum(), rrq.diagonal().sum()
     line_search = (-trace_rq / trace_rrq.clamp_max(-torch.finfo(q.dtype).tiny)).clamp_max(max_step)
     a = torch.where(trace_rrq < 0, line_search, torch.full_like(trace_rq, max_step))
     q.add_(rrq.mul_(0.5 * a).add_(rq).mul_(a))
+
+
+def procrustes_step3_(q: Tensor, max_step: float = 1 / 3) -> None:
+    """One third-order step of the online orthogonal Procrustes problem ``min_U |U Q - I|_F``, in place.
+
+    ``Q <- U Q`` with ``U ~ I + a R + (a R)^2 / 2 + (a R)^3 / 8`` (``|U^T U - I| <= |a R|^6 / 64``; not
+    the Taylor series), ``R = Q^T - Q`` normalised by a lower bound of its norm and ``a`` the larger root
+    of ``d tr(U Q) / da = tr(R Q) + a tr(R^2 Q) + (3 / 8) a^2 tr(R^3 Q)``, at most ``max_step``; no step
+    unless ``tr(R Q) > 0`` and ``tr(R^3 Q) < 0`` (else ``Q`` is symmetric to rounding). ``Q`` moves
+    towards the symmetric positive definite factor ``(Q^T Q)^{1/2}`` of its polar decomposition (Li's
+    psgd_torch, ``procrustes_step3``). Matrix products only; no host synchronisation.
+    """
+    r = _rotation_generator(q)
+    rq = r @ q
+    rrq = r @ rq
+    rrrq = r @ rrq
+    t1, t2, t3 = (m.diagonal().sum() for m in (rq, rrq, rrrq))
+    root = (-t2 - (t2.square() - 1.5 * t1 * t3).sqrt()) / (0.75 * t3)  # finite where it is taken
+    a = torch.where((t1 > 0) & (t3 < 0), root.clamp_max(max_step), torch.zeros_like(t1))
+    q.add_(rrrq.mul_(0.25 * a).add_(rrq).mul_(0.5 * a).add_(rq).mul_(a))
+
+
+def _rotation_generator(q: Tensor) -> Tensor:
+    """``R = Q^T - Q`` (skew) over a lower bound of its norm: the direction of the Procrustes rotations."""
+    r = q.mT - q
+    return r / spd_norm_lower_bound(r).clamp_min(torch.finfo(q.dtype).tiny)

@@ -85,6 +85,13 @@ class Preconditioner(ABC):
         ``v`` is ``None`` only for families with ``integrates_probe`` under whitening."""
 
     @classmethod
+    def conform_state(cls, state: dict[str, Any], options: Mapping[str, Any]) -> None:
+        """Bring a ``state`` fitted under other options (a loaded checkpoint, a changed param group) to
+        the form the fit under ``options`` works on; called before every checked fit, outside what a
+        rejected fit undoes. By default there is nothing to do (Kron: its factors as ``Q`` or ``P``)."""
+        return
+
+    @classmethod
     @abstractmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
         """``P g`` for a block-shaped ``g``, in the state's working dtype (Kron: its ``apply_dtype``)."""

@@ -16,7 +16,7 @@ shape and factor shapes go through one batched product per dim; a large block th
 cast, no diagonal factor) goes alone, as a view, since stacking would cost a pass over its memory.
 ``fit_dtype="bfloat16"`` runs the fit's products over the block (``A`` below and its Grams) in bf16 too.
 
-Both fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
+All fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
 running lower bound of the spectral norm of the factor's two terms, so ``mu = precond_lr`` is
 dimensionless; no damping and no line search are needed. After each fit the factors are rebalanced
 (equal max-norms, same product) to keep them well scaled.
@@ -33,8 +33,18 @@ triangular with a positive diagonal; with ``A = Q h`` and ``B = Q^{-T} v`` the r
 ``E_i = A_(i) A_(i)^T - B_(i) B_(i)^T`` and ``Q_i <- Q_i - (mu / L_i) triu(E_i) Q_i``. With
 whitening the probe is integrated out: ``E_v[B_(i) B_(i)^T] = (Q_i^{-T} Q_i^{-1}) prod_{j!=i}
 |Q_j^{-1}|_F^2`` needs one small Cholesky inverse per factor. A factor fitted by EQ continues under
-Q0.5EQ1.5 (its ``P`` is unchanged); diagonal factors move the same way under both
+Q0.5EQ1.5 (its ``P`` is unchanged); diagonal factors move the same way under every fit
 (``q_i <- q_i - (mu / L_i) E_i q_i``).
+
+``fit="pro4p"`` (Li's psgd_torch ``PRO4P``, recommended there for single precision): the factors of
+``P`` itself are fitted and stored (``state["Q"]`` holds the ``P_i``, the cache is their cast), so no
+product squares their condition number. It is the Q0.5EQ1.5 step with ``P`` for ``Q`` (``dP = P^0.5 E
+P``): with ``A = P h`` (the stored factors applied once) and ``B = v``, ``P_i <- P_i - (mu / L_i)
+(Gamma_i - V_i) P_i``; then :data:`PRO4P_ROTATIONS` third-order Procrustes steps
+(:func:`~..linalg.procrustes_step3_`) pull ``P_i`` towards the symmetric positive definite factor of
+its polar decomposition (which changes ``P``: a projection on SPD matrices). A state fitted under
+another ``fit`` goes on under the one its group now has (a loaded checkpoint, a changed param group):
+before the next fit the stored factors change form, ``P`` unchanged (:meth:`Kron.conform_state`).
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from ..linalg import (
     apply_along,
     broadcast_along,
     gram_along,
+    procrustes_step3_,
     procrustes_step_,
     solve_transpose_along,
     spd_norm_lower_bound,
@@ -63,7 +74,12 @@ __all__ = ["Kron", "KronOptions", "factor_is_dense", "work_shape"]
 
 
 #: the fit geometries of :class:`Kron` (module docstring)
-KRON_FITS = ("eq", "q0.5eq1.5")
+KRON_FITS = ("eq", "q0.5eq1.5", "pro4p")
+
+#: third-order Procrustes steps after a PRO4P fit of a dense factor. psgd_torch repeats them (up to 10)
+#: until ``max |P_i^T - P_i| < 10^-3 max |P_i|``, a host sync each; three, with none, leave about
+#: ``2 10^-3`` at ``precond_lr=0.1`` (``10^-2`` at 0.5), carried into the next fit
+PRO4P_ROTATIONS = 3
 
 #: a block of more elements that needs no copy is preconditioned alone (a view) instead of stacked
 BATCHED_NUMEL_LIMIT = 1 << 16
@@ -111,6 +127,11 @@ def apply_dtype(options: Mapping[str, Any], storage: torch.dtype) -> torch.dtype
 def _cache_of(q: Tensor) -> Tensor:
     """``P_i = Q_i^T Q_i`` (the square of a diagonal factor)."""
     return q.square() if q.ndim == 1 else q.mT @ q
+
+
+def _stores_p(state: Mapping[str, Any]) -> bool:
+    """Whether ``state["Q"]`` holds the factors of ``P`` (PRO4P; absent from states saved before it)."""
+    return state.get("stores_p", False)
 
 
 @dataclass(frozen=True)
@@ -174,6 +195,7 @@ class Kron(Preconditioner):
             "Q": factors,
             "P": [f.to(cache, copy=True) for f in factors],
             "lipschitz": torch.zeros(len(factors), dtype=work_dtype(dtype), device=device),
+            "stores_p": options["fit"] == "pro4p",
         }
 
     @classmethod
@@ -206,7 +228,7 @@ class Kron(Preconditioner):
 
     @classmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
-        factor_scale = scale ** (1.0 / len(state["Q"]))
+        factor_scale = scale ** ((2.0 if _stores_p(state) else 1.0) / len(state["Q"]))
         for q in state["Q"]:
             identity = torch.eye(q.shape[0], dtype=q.dtype, device=q.device) if q.ndim == 2 else 1.0
             q.copy_(identity * factor_scale)
@@ -220,12 +242,34 @@ class Kron(Preconditioner):
         return x
 
     @classmethod
+    def conform_state(cls, state: dict[str, Any], options: Mapping[str, Any]) -> None:
+        """Store the factors as ``options["fit"]`` fits them, ``P`` unchanged: a state of another fit
+        turns to PRO4P's ``P_i = Q_i^T Q_i``; one of PRO4P back to ``Q_i = chol(P_i)^T`` (upper triangular
+        with a positive diagonal, as EQ keeps it; Q0.5EQ1.5 rotates it to symmetric)."""
+        wanted = options["fit"] == "pro4p"
+        if _stores_p(state) == wanted:
+            return
+        for stored in state["Q"]:
+            factor = stored.to(work_dtype(stored.dtype))
+            if wanted:
+                factor = _cache_of(factor)
+            elif factor.ndim == 1:
+                factor = factor.sqrt()
+            else:
+                factor = torch.linalg.cholesky_ex((factor + factor.mT) / 2).L.mT
+            stored.copy_(factor)
+        state["stores_p"] = wanted
+
+    @classmethod
     def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
+        cls.conform_state(state, options)
         stored = state["Q"]
         factors = [q.to(work_dtype(q.dtype)) for q in stored]
-        symmetric = options["fit"] == "q0.5eq1.5"
-        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h (the cached P, lifted) against v
-        applied = [p.to(factors[0].dtype) for p in state["P"]] if symmetric else factors
+        fit = options["fit"]
+        symmetric = fit != "eq"
+        # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h (the cached P, lifted) against v; PRO4P: A = P h
+        # (the stored factors) against v
+        applied = [p.to(factors[0].dtype) for p in state["P"]] if fit == "q0.5eq1.5" else factors
         shape = _state_shape(state)
         low = dtype_name(options["fit_dtype"], "fit_dtype")  # the products over the block: A and its Grams
         products = factors[0].dtype if low is None else DTYPES[low]
@@ -245,7 +289,11 @@ class Kron(Preconditioner):
                 q.sub_(gradient.mul_(q).mul_(step))
             elif symmetric:
                 q.sub_(gradient.matmul(q).mul_(step))
-                procrustes_step_(q)
+                if fit == "pro4p":
+                    for _ in range(PRO4P_ROTATIONS):
+                        procrustes_step3_(q)
+                else:
+                    procrustes_step_(q)
             else:
                 q.sub_(torch.triu(gradient).matmul(q).mul_(step))
         cls._balance(factors)
@@ -265,8 +313,8 @@ class Kron(Preconditioner):
         symmetric: bool,
     ) -> tuple[list[Tensor], list[Tensor | None]]:
         """Per dim, the probe side ``B_(i) B_(i)^T`` of the fit and the damping term added to the ``A``
-        side (``None``: none). With whitening the probe ``v`` is integrated out: ``(N / n_i) I`` for
-        Q0.5EQ1.5 (``B = v``), ``Q_i^{-T} Q_i^{-1} prod_{j!=i} |Q_j^{-1}|_F^2`` for EQ."""
+        side (``None``: none). With whitening the probe ``v`` is integrated out: ``(N / n_i) I`` for the
+        symmetric fits (``B = v``), ``Q_i^{-T} Q_i^{-1} prod_{j!=i} |Q_j^{-1}|_F^2`` for EQ."""
         if v is not None:
             b = v.reshape(shape).to(factors[0].dtype)
             if not symmetric:
@@ -274,7 +322,7 @@ class Kron(Preconditioner):
                     b = solve_transpose_along(b, q, dim)
             return [gram_along(b, dim, q.ndim == 1) for dim, q in enumerate(factors)], [None] * len(factors)
         terms_damping: list[Tensor | None] = [None] * len(factors)
-        if damping > 0:  # E[damping^2 (M v)_(i) (M v)_(i)^T] with M the applied side (Q for EQ, P for Q0.5EQ1.5)
+        if damping > 0:  # E[damping^2 (M v)_(i) (M v)_(i)^T] with M the applied side (Q for EQ, else P)
             squares = [p.square() if p.ndim == 1 else p @ p.mT for p in applied]
             terms_damping = [term.mul_(damping**2) for term in cls._kron_expectation_terms(squares)]
         if not symmetric:
@@ -369,5 +417,6 @@ class Kron(Preconditioner):
 
     @staticmethod
     def _refresh_cache(state: dict[str, Any]) -> None:
+        stores_p = _stores_p(state)
         for p, q in zip(state["P"], state["Q"]):
-            p.copy_(_cache_of(q.to(work_dtype(q.dtype))))
+            p.copy_(q if stores_p else _cache_of(q.to(work_dtype(q.dtype))))
