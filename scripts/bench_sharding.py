@@ -56,7 +56,7 @@ from time import perf_counter, thread_time
 
 import torch
 import torch.distributed as dist
-from bench_step_cost import CONFIG, make_batch
+from bench_step_cost import D_MODEL, make_batch, model_config
 from tiny_gpt import TinyGPT
 
 from hf_psgd import PSGD
@@ -77,7 +77,7 @@ def worker(out: Path, steps: int, warmup: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = TinyGPT(CONFIG)
+    model = TinyGPT(model_config(D_MODEL))
     batch = make_batch()
     model.loss(batch.chunk(world)[rank]).backward()
     if world > 1:
@@ -85,8 +85,8 @@ def worker(out: Path, steps: int, warmup: int) -> None:
     grads = [p.grad.clone() for p in model.parameters()]
     optimizer = PSGD(model.parameters(), lr=1e-3, precond_update_prob=1.0)
     exchange_seconds, block_seconds, block_cpu_seconds = [0.0], [0.0], [0.0]
-    _accumulate_time(optimizer, "_block_update", block_seconds, perf_counter)
-    _accumulate_time(optimizer, "_block_update", block_cpu_seconds, thread_time)
+    _time_block_work(optimizer, block_seconds, perf_counter)
+    _time_block_work(optimizer, block_cpu_seconds, thread_time)
     distribution = optimizer._distribution
     if world > 1:
         _accumulate_time(distribution, "exchange", exchange_seconds, perf_counter)
@@ -133,7 +133,7 @@ def fsdp2_worker(out: Path, steps: int, warmup: int, optimizer_name: str) -> Non
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = TinyGPT(CONFIG)
+    model = TinyGPT(model_config(D_MODEL))
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
@@ -145,7 +145,7 @@ def fsdp2_worker(out: Path, steps: int, warmup: int, optimizer_name: str) -> Non
         optimizer = PSGD(model.parameters(), lr=1e-3, precond_update_prob=1.0)
     work_cpu, phase_bytes, transient = [0.0], [0], 0
     if optimizer_name == "psgd":
-        _accumulate_time(optimizer, "_block_update", work_cpu, thread_time)
+        _time_block_work(optimizer, work_cpu, thread_time)
         distribution = optimizer._distribution
         gather, exchange, all_to_all = distribution.gather_gradients, distribution.exchange, distribution._all_to_all
 
@@ -205,6 +205,17 @@ def fsdp2_worker(out: Path, steps: int, warmup: int, optimizer_name: str) -> Non
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     end_multiprocess_run()
+
+
+#: The shell's phases over the blocks a process owns (momenta, fits, ``P m``, Adam's floor): its
+#: preconditioner work, without the gradients' gathering and the guard
+BLOCK_WORK = ("_momentum_directions", "_fit", "_precondition", "_adam_floors")
+
+
+def _time_block_work(optimizer: PSGD, total: list[float], clock: Callable[[], float]) -> None:
+    """Add the duration by ``clock`` of every call of the optimizer's :data:`BLOCK_WORK` to ``total[0]``."""
+    for name in BLOCK_WORK:
+        _accumulate_time(optimizer, name, total, clock)
 
 
 def _accumulate_time(owner: object, name: str, total: list[float], clock: Callable[[], float]) -> None:
@@ -341,7 +352,7 @@ def main() -> None:
         return
     counts = sorted({1, *(int(n) for n in args.processes.split(","))})
     results = {n: run(n, args.steps, args.warmup) for n in counts}
-    size = sum(p.numel() for p in TinyGPT(CONFIG).parameters()) / 1e6
+    size = sum(p.numel() for p in TinyGPT(model_config(D_MODEL)).parameters()) / 1e6
     text = f"# Sharded preconditioners ({size:.2f}M-parameter GPT)\n\n## Data parallelism\n\n"
     text += report(results) + "\n"
     fsdp2_counts = sorted({1, *(int(n) for n in args.fsdp2_processes.split(",") if n)}) if args.fsdp2_processes else []

@@ -81,3 +81,17 @@ def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path: Path) -> None:
     if not torch.cuda.is_available():  # a CUDA run without a CUDA device says so and stops
         result = subprocess.run([sys.executable, str(SCRIPTS / "bench_gpu.py")], capture_output=True, text=True)
         assert result.returncode != 0 and "no CUDA device here" in result.stderr
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in SCRIPTS.glob("*.py")))
+def test_every_script_imports(monkeypatch, script: str) -> None:
+    """Every script's imports resolve (scripts share helpers: a renamed one broke two benchmarks unnoticed)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    importlib.import_module(script)
+
+
+def test_sharding_benchmark_times_methods_the_optimizer_has(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from hf_psgd import PSGD
+
+    assert all(callable(getattr(PSGD, name, None)) for name in importlib.import_module("bench_sharding").BLOCK_WORK)
