@@ -1,7 +1,7 @@
-"""Blocks of equal shape preconditioned together: Kron in one batched product per dim, Diag in
-multi-tensor products; the results equal those of one block at a time bit for bit (so a block's
-update does not depend on which blocks a process owns), and a step over several equal layers runs
-one matrix product per distinct shape and dim."""
+"""Blocks of equal shape preconditioned and fitted together: Kron in one batched product per dim (per
+product of the fit), Diag in multi-tensor operations; preconditioning equals one block at a time bit for
+bit (so a block's update does not depend on which blocks a process owns), fits within the rounding of
+batched products; a step over several equal layers runs one matrix product per distinct shape and dim."""
 
 from __future__ import annotations
 
@@ -101,3 +101,49 @@ def test_a_step_over_equal_layers_runs_one_product_per_shape_and_dim() -> None:
     with MatrixProducts() as products:
         optimizer.step()
     assert products.count == 2
+
+
+def _pairs(kind: type, whiten: bool, generator: torch.Generator) -> tuple[list, list]:
+    """A pair ``(v, h)`` for every shape in ``SHAPES`` (``v`` None where whitening integrates it out)."""
+    integrated = whiten and kind.integrates_probe
+    vs = [None if integrated else torch.randn(shape, generator=generator) for shape in SHAPES]
+    return vs, [torch.randn(shape, generator=generator) for shape in SHAPES]
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "dtype", "whiten"),
+    [
+        ("kron", {}, torch.float32, True),
+        ("kron", {}, torch.float64, False),
+        ("kron", {"max_skew": float("inf"), "damping": 1e-3}, torch.float64, True),
+        ("kron", {"always_dense_size": 0, "merge_dims": False}, torch.float32, False),
+        ("kron", {}, torch.bfloat16, True),
+        ("kron", {"fit": "eq"}, torch.float64, True),
+        ("kron", {"fit": "eq"}, torch.float64, False),
+        ("kron", {"fit": "pro4p"}, torch.float64, False),
+        ("diag", {}, torch.float32, False),
+    ],
+)
+def test_batched_fits_equal_one_block_at_a_time(family: str, options: dict, dtype: torch.dtype, whiten: bool) -> None:
+    """Blocks of equal factor shapes are fitted as one stack: every block's state ends as when it is fitted
+    alone (within the rounding of batched products), a rejected block (non-finite ``h``, or not accepted)
+    keeps its state bit for bit and does not stop the others of its stack."""
+    kind = get_preconditioner(family)
+    group = {**{name: default for name, (default, _) in PSGD.option_specs().items()}, "precond_lr": 0.5, **options}
+    together, _ = _states(family, options, dtype)
+    alone, _ = _states(family, options, dtype)
+    before, _ = _states(family, options, dtype)
+    vs, hs = _pairs(kind, whiten, torch.Generator().manual_seed(1))
+    hs[3] = hs[3].clone().fill_(float("nan"))  # one of three (8, 6) blocks: its fit comes out non-finite
+    accept = [torch.tensor(i != 6) for i in range(len(SHAPES))]  # one of two (16, 6, 5, 5) blocks refused
+    kept = kind.update_checked_many(together, vs, hs, group, accept)
+    for i, state in enumerate(alone):
+        assert bool(kind.update_checked_many([state], [vs[i]], [hs[i]], group, [accept[i]])[0]) == bool(kept[i])
+    assert [bool(k) for k in kept] == [i not in (3, 6) for i in range(len(SHAPES))]
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype]  # threads split batches
+    for i, (batched, single, old) in enumerate(zip(together, alone, before)):
+        triples = list(zip(*(kind.fitted_tensors(state) for state in (batched, single, old))))
+        for a, b, _ in triples:
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * max(b.abs().max().item(), 1e-30))
+        unchanged = [torch.equal(a, c) for a, _, c in triples]
+        assert all(unchanged) if i in (3, 6) else not all(unchanged)

@@ -103,20 +103,21 @@ def test_kron_inverse_gram_and_damping_terms() -> None:
     gen = torch.Generator().manual_seed(0)
     left = torch.eye(5) + 0.3 * torch.randn(5, 5, generator=gen).triu()
     right = 0.5 + torch.rand(3, generator=gen)
-    for q in (left, right):
+    for q in (left, right):  # the family works on stacks of blocks: a batch of one
         inverse = torch.linalg.inv(q) if q.ndim == 2 else torch.diag(q.reciprocal())
         expected = inverse.mT @ inverse
-        fitted = Kron._inverse_gram(q)
+        fitted = Kron._inverse_gram(q.unsqueeze(0))[0]
         torch.testing.assert_close(fitted if q.ndim == 2 else torch.diag(fitted), expected, rtol=1e-4, atol=1e-5)
-    factors, damping = [left, right], 1e-3
-    terms_b, terms_damping = Kron._probe_terms(factors, factors, None, torch.Size([5, 3]), damping, symmetric=False)
+    factors, damping = [left.unsqueeze(0), right.unsqueeze(0)], 1e-3
+    terms_b, terms_damping = Kron._probe_terms(factors, factors, [None], torch.Size([5, 3]), damping, symmetric=False)
+    factors = [left, right]
     grams = [q @ q.mT if q.ndim == 2 else q.square() for q in factors]
     norms = [gram.trace() if gram.ndim == 2 else gram.sum() for gram in grams]
-    inverse_grams = [Kron._inverse_gram(q) for q in factors]
+    inverse_grams = [Kron._inverse_gram(q.unsqueeze(0))[0] for q in factors]
     inverse_norms = [gram.trace() if gram.ndim == 2 else gram.sum() for gram in inverse_grams]
     for i in range(2):
-        torch.testing.assert_close(terms_damping[i], damping**2 * grams[i] * norms[1 - i])
-        torch.testing.assert_close(terms_b[i], inverse_grams[i] * inverse_norms[1 - i])
+        torch.testing.assert_close(terms_damping[i][0], damping**2 * grams[i] * norms[1 - i])
+        torch.testing.assert_close(terms_b[i][0], inverse_grams[i] * inverse_norms[1 - i])
 
 
 def test_diag_whitening_fits_inverse_rms() -> None:

@@ -33,7 +33,7 @@ from .blocks import BlockPlan, block_statistics, plan_blocks, work_dtype
 from .checkpoint import check_loaded_state, conform_loaded_cache, copy_to_device, upgrade_loaded_state
 from .curvature import HandedProducts, ProbeSource, curvature_products, step_gradients
 from .distribution import resolve_distribution
-from .fitting import checked_update, fit_preconditioner
+from .fitting import checked_updates, fit_preconditioners
 from .options import check_param_group, fill_missing_options, merge_defaults, option_specs, validate_group
 from .schedules import DEFAULT_UPDATE_SCHEDULE, Schedule, update_probability
 from .secant import fit_secant_pair
@@ -287,8 +287,7 @@ class PSGD(Optimizer):
         owned = [(plan, step) for plan in plans if (step := self._advance_counters(plan)) is not None]
         gradients = [plan.gather(whole_grads) for plan, _ in owned]
         directions = self._momentum_directions(owned, gradients, keep)
-        for (plan, step), g, direction in zip(owned, gradients, directions):
-            self._fit(plan, step, g, direction, products, keep)
+        self._fit(owned, gradients, directions, products, keep)
         updates = self._precondition([plan for plan, _ in owned], directions)
         floors = self._adam_floors(owned, gradients, directions, keep, grad_norms)
         scales = guard_scales(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep, floors)
@@ -369,23 +368,50 @@ class PSGD(Optimizer):
         return directions
 
     def _fit(
-        self, plan: BlockPlan, step: int, g: Tensor, direction: Tensor, hv: Mapping[Tensor, Tensor], keep: Tensor
+        self,
+        owned: list[tuple[BlockPlan, int]],
+        gradients: list[Tensor],
+        directions: list[Tensor],
+        hv: Mapping[Tensor, Tensor],
+        keep: Tensor,
     ) -> None:
-        """The block's fit of ``Q`` (where it fits this step) and secant fit (where asked), masked where
-        ``keep`` is false."""
-        state, group, family = self.state[plan.key], plan.group, plan.family
-        dtype = work_dtype(group, plan.key)
-        if plan.fits:
-            whiten = group["curvature"] == "whiten"
-            v = None
-            if not (whiten and family.integrates_probe):
-                v = plan.gather({p: self._probe(p, group, step) for p in plan.params})
-            h = (direction if group["whiten_momentum"] else g) if whiten else plan.gather(hv)
-            checked = self._kernel(checked_update, group["compile_kernels"])
-            fit_preconditioner(family, state, v, torch.where(keep, h, 0).to(dtype), group, keep, checked)
-        if group["secant_pairs"]:
-            param = plan.gather({p: p.detach() for p in plan.params}).to(dtype)
-            fit_secant_pair(family, state, param, g.to(dtype), group, keep)
+        """The fits of ``Q`` of the owned blocks that fit this step, batched per family and param group
+        (:func:`~.fitting.fit_preconditioners`; one compiled call per block where ``compile_kernels``), then
+        the secant fits where asked; all masked where ``keep`` is false."""
+        batches: dict[tuple[type, int], list[tuple[dict[str, Any], Tensor | None, Tensor]]] = {}
+        groups: dict[int, dict[str, Any]] = {}
+        for (plan, step), g, direction in zip(owned, gradients, directions):
+            if plan.fits:
+                groups[id(plan.group)] = plan.group
+                pair = self._fit_pair(plan, step, g, direction, hv)
+                batches.setdefault((plan.family, id(plan.group)), []).append(pair)
+        for (family, group_id), pairs in batches.items():
+            group = groups[group_id]
+            if group["compile_kernels"]:
+                checked = self._kernel(checked_updates, True)
+                for pair in pairs:
+                    fit_preconditioners(family, [pair], group, keep, checked)
+            else:
+                fit_preconditioners(family, pairs, group, keep)
+        for (plan, _), g in zip(owned, gradients):
+            if plan.group["secant_pairs"]:
+                dtype = work_dtype(plan.group, plan.key)
+                param = plan.gather({p: p.detach() for p in plan.params}).to(dtype)
+                fit_secant_pair(plan.family, self.state[plan.key], param, g.to(dtype), plan.group, keep)
+
+    def _fit_pair(
+        self, plan: BlockPlan, step: int, g: Tensor, direction: Tensor, hv: Mapping[Tensor, Tensor]
+    ) -> tuple[dict[str, Any], Tensor | None, Tensor]:
+        """The block's state and its pair ``(v, h)`` for this step's fit: ``v`` its probe (``None`` where
+        the family integrates it out under whitening), ``h`` the gradient (the momentum with
+        ``whiten_momentum``) or ``H v``, in the block's work dtype."""
+        group, family = plan.group, plan.family
+        whiten = group["curvature"] == "whiten"
+        v = None
+        if not (whiten and family.integrates_probe):
+            v = plan.gather({p: self._probe(p, group, step) for p in plan.params})
+        h = (direction if group["whiten_momentum"] else g) if whiten else plan.gather(hv)
+        return self.state[plan.key], v, h.to(work_dtype(group, plan.key))
 
     def _precondition(self, plans: list[BlockPlan], directions: list[Tensor]) -> dict[Tensor, Tensor]:
         """``u = P m`` of every owned block, keyed by ``plan.key``: batched per family

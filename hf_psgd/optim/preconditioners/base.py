@@ -85,6 +85,38 @@ class Preconditioner(ABC):
         ``v`` is ``None`` only for families with ``integrates_probe`` under whitening."""
 
     @classmethod
+    def update_checked_many(
+        cls,
+        states: Sequence[dict[str, Any]],
+        vs: Sequence[Tensor | None],
+        hs: Sequence[Tensor],
+        options: Mapping[str, Any],
+        accept: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """:meth:`update` of several blocks on their pairs, each kept only where its ``accept`` (a 0-dim
+        bool) is true and every tensor it fits (:meth:`fitted_tensors`) comes out finite, else undone;
+        returns whether each block's fit was kept. One block at a time unless the family batches them."""
+        kept = []
+        for state, v, h, ok in zip(states, vs, hs, accept):
+            tensors = cls.fitted_tensors(state)
+            saved = [t.clone() for t in tensors]
+            cls.update(state, v, h, options)
+            ok = ok & torch.stack([t.isfinite().all() for t in tensors]).all()
+            for tensor, old in zip(tensors, saved):
+                tensor.copy_(torch.where(ok, tensor, old))
+            kept.append(ok)
+        return kept
+
+    @classmethod
+    def fitted_tensors(cls, state: Mapping[str, Any]) -> list[Tensor]:
+        """The tensors of the state a fit changes (:attr:`state_keys`), lists flattened."""
+        tensors = []
+        for key in cls.state_keys:
+            value = state[key]
+            tensors.extend(value if isinstance(value, list) else [value])
+        return tensors
+
+    @classmethod
     def conform_state(cls, state: dict[str, Any], options: Mapping[str, Any]) -> None:
         """Bring a ``state`` fitted under other options (a loaded checkpoint, a changed param group) to
         the form the fit under ``options`` works on; called before every checked fit, outside what a

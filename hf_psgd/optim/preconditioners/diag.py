@@ -49,14 +49,45 @@ class Diag(Preconditioner):
 
     @classmethod
     def update(cls, state: dict[str, Any], v: Tensor, h: Tensor, options: Mapping[str, Any]) -> None:
-        stored = state["q"]
-        q = stored.to(work_dtype(stored.dtype))
-        a2 = (q * h).square_()
-        b2 = (v / q).square_()
-        bound = (a2 + b2).clamp_min_(torch.finfo(q.dtype).tiny)
-        q.sub_(a2.sub_(b2).div_(bound).mul_(q).mul_(options["precond_lr"]))
-        if q is not stored:
-            stored.copy_(q)
+        state["q"].copy_(cls._fitted([state], [v], [h], options)[0])
+
+    @classmethod
+    def update_checked_many(
+        cls,
+        states: Sequence[dict[str, Any]],
+        vs: Sequence[Tensor | None],
+        hs: Sequence[Tensor],
+        options: Mapping[str, Any],
+        accept: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """Every block's fit in multi-tensor operations, written where its ``accept`` is true and its new
+        ``q`` is finite (its sum is: one pass)."""
+        kept = []
+        for state, ok, new in zip(states, accept, cls._fitted(states, vs, hs, options)):
+            stored = state["q"]
+            ok = ok & new.sum().isfinite()
+            torch.where(ok, new.to(stored.dtype), stored, out=stored)
+            kept.append(ok)
+        return kept
+
+    @classmethod
+    def _fitted(
+        cls, states: Sequence[dict[str, Any]], vs: Sequence[Tensor], hs: Sequence[Tensor], options: Mapping[str, Any]
+    ) -> list[Tensor]:
+        """The new ``q`` of every block (work dtype; the states unchanged):
+        ``q - mu q (a^2 - b^2) / max(a^2 + b^2, tiny)`` with ``a = q h``, ``b = v / q``."""
+        qs = [state["q"].to(work_dtype(state["q"].dtype)) for state in states]
+        a2 = torch._foreach_mul(qs, list(hs))
+        torch._foreach_mul_(a2, a2)
+        b2 = torch._foreach_div(list(vs), qs)
+        torch._foreach_mul_(b2, b2)
+        bound = torch._foreach_add(a2, b2)
+        torch._foreach_clamp_min_(bound, torch.finfo(qs[0].dtype).tiny)
+        torch._foreach_sub_(a2, b2)
+        torch._foreach_div_(a2, bound)
+        torch._foreach_mul_(a2, qs)
+        torch._foreach_mul_(a2, options["precond_lr"])
+        return torch._foreach_sub(qs, a2)
 
     @classmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:

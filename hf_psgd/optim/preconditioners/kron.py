@@ -15,6 +15,8 @@ the diagonal factors fused into the one pass that casts (and stacks) the blocks'
 shape and factor shapes go through one batched product per dim; a large block that needs no copy (no
 cast, no diagonal factor) goes alone, as a view, since stacking would cost a pass over its memory.
 ``fit_dtype="bfloat16"`` runs the fit's products over the block (``A`` below and its Grams) in bf16 too.
+Fits are batched the same way: the blocks of equal factor shapes that fit in a step form one stack, so a
+model's repeated layers cost one batched product per product of the fit, not one each.
 
 All fits follow the criterion ``E[h^T P h + v^T P^{-1} v]`` with a step normalised by ``L_i``, a
 running lower bound of the spectral norm of the factor's two terms, so ``mu = precond_lr`` is
@@ -124,9 +126,19 @@ def apply_dtype(options: Mapping[str, Any], storage: torch.dtype) -> torch.dtype
     return torch.bfloat16 if storage == torch.float32 else storage
 
 
-def _cache_of(q: Tensor) -> Tensor:
-    """``P_i = Q_i^T Q_i`` (the square of a diagonal factor)."""
-    return q.square() if q.ndim == 1 else q.mT @ q
+def _cache_of(q: Tensor, batch: int = 0) -> Tensor:
+    """``P_i = Q_i^T Q_i`` (the square of a diagonal factor); of every factor of a stack with ``batch``
+    leading dims."""
+    return q.square() if q.ndim == batch + 1 else q.mT @ q
+
+
+def _minus_(x: Tensor, term: Tensor | float, diagonal: bool) -> Tensor:
+    """``x -= term`` in place for a stack of Grams ``x`` (``(B, n, n)``, or ``(B, n)`` when diagonal); a
+    float ``term`` stands for that multiple of ``I``."""
+    if isinstance(term, Tensor):
+        return x.sub_(term)
+    (x if diagonal else x.diagonal(dim1=-2, dim2=-1)).sub_(term)
+    return x
 
 
 def _stores_p(state: Mapping[str, Any]) -> bool:
@@ -236,9 +248,9 @@ class Kron(Preconditioner):
 
     @staticmethod
     def _apply_all(x: Tensor, factors: list[Tensor]) -> Tensor:
-        """Every factor applied along its dim."""
+        """Every factor of a stack of blocks (``(B, ...)`` each) applied along its dim of ``x`` (``(B, *shape)``)."""
         for i, q in enumerate(factors):
-            x = apply_along(x, q, i)
+            x = apply_along(x, q, i, batch=1)
         return x
 
     @classmethod
@@ -263,28 +275,75 @@ class Kron(Preconditioner):
     @classmethod
     def update(cls, state: dict[str, Any], v: Tensor | None, h: Tensor, options: Mapping[str, Any]) -> None:
         cls.conform_state(state, options)
-        stored = state["Q"]
-        factors = [q.to(work_dtype(q.dtype)) for q in stored]
+        cls._store([state], cls._fitted([state], [v], [h], options))
+
+    @classmethod
+    def update_checked_many(
+        cls,
+        states: Sequence[dict[str, Any]],
+        vs: Sequence[Tensor | None],
+        hs: Sequence[Tensor],
+        options: Mapping[str, Any],
+        accept: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """Blocks of equal factor shapes and dtypes (e.g. the same layer of every transformer block) are
+        fitted as one stack, one batched product per product of the fit (a block's result equals its fit
+        alone within the rounding of batched products); a block is written where its ``accept`` is true
+        and the sums of its new tensors are finite (one pass each)."""
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for index, state in enumerate(states):
+            q, p = state["Q"], state["P"]
+            key = (*(t.shape for t in q), q[0].dtype, p[0].dtype, q[0].device, _stores_p(state))
+            batches.setdefault(key, []).append(index)
+        accepted: dict[int, Tensor] = {}
+        for members in batches.values():
+            batch = [states[i] for i in members]
+            fitted = cls._fitted(batch, [vs[i] for i in members], [hs[i] for i in members], options)
+            stacks = [stack for key in cls.state_keys for stack in fitted[key]]
+            finite = torch.stack([stack.flatten(1).sum(1).isfinite() for stack in stacks]).all(0)
+            kept = torch.stack([accept[i] for i in members]) & finite
+            cls._store(batch, fitted, kept)
+            accepted.update(zip(members, kept.unbind()))
+        return [accepted[i] for i in range(len(states))]
+
+    @classmethod
+    def _fitted(
+        cls,
+        states: Sequence[dict[str, Any]],
+        vs: Sequence[Tensor | None],
+        hs: Sequence[Tensor],
+        options: Mapping[str, Any],
+    ) -> dict[str, list[Tensor]]:
+        """One fit of every block of ``states`` (equal factor shapes and dtypes) on its pair, as stacks
+        ``(B, ...)`` of the new factors (``"Q"``, one per dim), cached ``P`` and bounds (one ``(B, k)``),
+        in the stored dtypes; the states are left unchanged (module docstring for the fits)."""
+        shape = _state_shape(states[0])
+        stored = [[state["Q"][dim] for state in states] for dim in range(len(shape))]
+        factors = [torch.stack(qs).to(work_dtype(qs[0].dtype)) for qs in stored]
         fit = options["fit"]
         symmetric = fit != "eq"
         # EQ: A = Q h against B = Q^{-T} v; Q0.5EQ1.5: A = P h (the cached P, lifted) against v; PRO4P: A = P h
         # (the stored factors) against v
-        applied = [p.to(factors[0].dtype) for p in state["P"]] if fit == "q0.5eq1.5" else factors
-        shape = _state_shape(state)
+        applied = factors
+        if fit == "q0.5eq1.5":
+            applied = [
+                torch.stack([state["P"][dim] for state in states]).to(factors[0].dtype) for dim in range(len(shape))
+            ]
         low = dtype_name(options["fit_dtype"], "fit_dtype")  # the products over the block: A and its Grams
         products = factors[0].dtype if low is None else DTYPES[low]
-        a = cls._apply_all(h.reshape(shape).to(products), [f.to(products) for f in applied])
-        terms_b, terms_damping = cls._probe_terms(factors, applied, v, shape, options["damping"], symmetric)
-        lipschitz = state["lipschitz"]
+        h = torch.stack([h.reshape(shape) for h in hs]).to(products)
+        a = cls._apply_all(h, [f.to(products) for f in applied])
+        terms_b, terms_damping = cls._probe_terms(factors, applied, vs, shape, options["damping"], symmetric)
+        lipschitz = torch.stack([state["lipschitz"] for state in states]).mT.contiguous()
         for dim, q in enumerate(factors):
-            diagonal = q.ndim == 1
-            term_a = gram_along(a, dim, diagonal).to(q.dtype)
+            diagonal = q.ndim == 2
+            term_a = gram_along(a, dim, diagonal, batch=1).to(q.dtype)
             if terms_damping[dim] is not None:
                 term_a += terms_damping[dim]
-            total = term_a + terms_b[dim]
-            bound = total.max() if diagonal else spd_norm_lower_bound(total)
+            bound = cls._bound(term_a, terms_b[dim], diagonal)
             step = options["precond_lr"] / update_lipschitz(lipschitz[dim], bound, options["lipschitz_beta"])
-            gradient = term_a.sub_(terms_b[dim])
+            step = step.view(-1, *[1] * (q.ndim - 1))
+            gradient = _minus_(term_a, terms_b[dim], diagonal)
             if diagonal:
                 q.sub_(gradient.mul_(q).mul_(step))
             elif symmetric:
@@ -297,62 +356,81 @@ class Kron(Preconditioner):
             else:
                 q.sub_(torch.triu(gradient).matmul(q).mul_(step))
         cls._balance(factors)
-        for q_stored, q in zip(stored, factors):
-            if q_stored is not q:
-                q_stored.copy_(q)
-        cls._refresh_cache(state)
+        new_q = [q.to(qs[0].dtype) for q, qs in zip(factors, stored)]
+        cache = states[0]["P"][0].dtype
+        stores_p = _stores_p(states[0])
+        new_p = [(q if stores_p else _cache_of(q.to(work_dtype(q.dtype)), batch=1)).to(cache) for q in new_q]
+        return {"Q": new_q, "P": new_p, "lipschitz": [lipschitz.mT]}
+
+    @staticmethod
+    def _bound(term_a: Tensor, term_b: Tensor | float, diagonal: bool) -> Tensor:
+        """A lower bound (one per block of a stack) of ``|Gamma + V|_2``, the two PSD terms of the fit's
+        gradient; ``|Gamma + c I|_2 = |Gamma|_2 + c`` for the whitening term ``c I``."""
+        if isinstance(term_b, Tensor):
+            total = term_a + term_b
+            return total.amax(-1) if diagonal else spd_norm_lower_bound(total)
+        return (term_a.amax(-1) if diagonal else spd_norm_lower_bound(term_a)) + term_b
+
+    @staticmethod
+    def _store(
+        states: Sequence[dict[str, Any]], fitted: Mapping[str, list[Tensor]], kept: Tensor | None = None
+    ) -> None:
+        """Write stacks of fitted tensors (:meth:`_fitted`) into the blocks' states, only where ``kept`` (one
+        per block) is true if it is given."""
+        for key, stacks in fitted.items():
+            slots = [state[key] if isinstance(state[key], list) else [state[key]] for state in states]
+            for position, new in enumerate(stacks):
+                targets = [slot[position] for slot in slots]
+                if kept is not None:
+                    new = torch.where(kept.view(-1, *[1] * (new.ndim - 1)), new, torch.stack(targets))
+                torch._foreach_copy_(targets, list(new.unbind()))
 
     @classmethod
     def _probe_terms(
         cls,
         factors: list[Tensor],
         applied: list[Tensor],
-        v: Tensor | None,
+        vs: Sequence[Tensor | None],
         shape: torch.Size,
         damping: float,
         symmetric: bool,
-    ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Per dim, the probe side ``B_(i) B_(i)^T`` of the fit and the damping term added to the ``A``
-        side (``None``: none). With whitening the probe ``v`` is integrated out: ``(N / n_i) I`` for the
+    ) -> tuple[list[Tensor | float], list[Tensor | None]]:
+        """Per dim, for a stack of blocks (factors ``(B, ...)``), the probe side ``B_(i) B_(i)^T`` of the
+        fit (a float: that multiple of ``I``) and the damping term added to the ``A`` side (``None``:
+        none). With whitening (``vs`` all ``None``) the probe is integrated out: ``(N / n_i) I`` for the
         symmetric fits (``B = v``), ``Q_i^{-T} Q_i^{-1} prod_{j!=i} |Q_j^{-1}|_F^2`` for EQ."""
-        if v is not None:
-            b = v.reshape(shape).to(factors[0].dtype)
+        if vs[0] is not None:
+            b = torch.stack([v.reshape(shape) for v in vs]).to(factors[0].dtype)
             if not symmetric:
                 for dim, q in enumerate(factors):
-                    b = solve_transpose_along(b, q, dim)
-            return [gram_along(b, dim, q.ndim == 1) for dim, q in enumerate(factors)], [None] * len(factors)
+                    b = solve_transpose_along(b, q, dim, batch=1)
+            return [gram_along(b, dim, q.ndim == 2, batch=1) for dim, q in enumerate(factors)], [None] * len(factors)
         terms_damping: list[Tensor | None] = [None] * len(factors)
         if damping > 0:  # E[damping^2 (M v)_(i) (M v)_(i)^T] with M the applied side (Q for EQ, else P)
-            squares = [p.square() if p.ndim == 1 else p @ p.mT for p in applied]
+            squares = [p.square() if p.ndim == 2 else p @ p.mT for p in applied]
             terms_damping = [term.mul_(damping**2) for term in cls._kron_expectation_terms(squares)]
         if not symmetric:
             return cls._kron_expectation_terms([cls._inverse_gram(q) for q in factors]), terms_damping
-        identities = [
-            torch.ones_like(q) if q.ndim == 1 else torch.eye(len(q), dtype=q.dtype, device=q.device) for q in factors
-        ]
-        return [identity.mul_(shape.numel() / len(q)) for identity, q in zip(identities, factors)], terms_damping
+        return [shape.numel() / n for n in shape], terms_damping
 
     @staticmethod
-    def _trace(gram: Tensor) -> Tensor:
-        return gram.sum() if gram.ndim == 1 else gram.diagonal().sum()
-
-    @classmethod
-    def _kron_expectation_terms(cls, grams: list[Tensor]) -> list[Tensor]:
+    def _kron_expectation_terms(grams: list[Tensor]) -> list[Tensor]:
         """For ``X = (M_0 (x) M_1 ...) Z`` with white ``Z``: ``E[X_(i) X_(i)^T] = G_i prod_{j!=i} tr G_j``
-        where ``G_i = M_i M_i^T`` (given as a matrix, or as a vector when diagonal)."""
-        traces = torch.stack([cls._trace(g) for g in grams])
-        return [g * (traces.prod() / traces[i]) for i, g in enumerate(grams)]
+        where ``G_i = M_i M_i^T``, for a stack of blocks (``(B, n, n)``, or ``(B, n)`` when diagonal)."""
+        traces = torch.stack([g.sum(-1) if g.ndim == 2 else g.diagonal(dim1=-2, dim2=-1).sum(-1) for g in grams])
+        return [g * (traces.prod(0) / traces[i]).view(-1, *[1] * (g.ndim - 1)) for i, g in enumerate(grams)]
 
     @staticmethod
     def _inverse_gram(q: Tensor) -> Tensor:
-        """``Q^{-T} Q^{-1} = (Q Q^T)^{-1}`` for the probe term ``E_v[B_(i) B_(i)^T]`` (whitening).
+        """``Q^{-T} Q^{-1} = (Q Q^T)^{-1}`` for the probe term ``E_v[B_(i) B_(i)^T]`` (whitening), for a
+        stack of factors.
 
         With the flip ``J`` (reversed rows and columns), ``L = J Q J`` is lower triangular and
         ``(Q Q^T)^{-1} = J (L L^T)^{-1} J``: one Cholesky inverse (``n^3 / 3`` multiply-adds for the
         triangular inverse and as many for the product) instead of a solve and a full product."""
-        if q.ndim == 1:
+        if q.ndim == 2:
             return q.reciprocal().square()
-        return torch.cholesky_inverse(q.flip(0, 1)).flip(0, 1)
+        return torch.cholesky_inverse(q.flip(-2, -1)).flip(-2, -1)
 
     @classmethod
     def precondition(cls, state: dict[str, Any], g: Tensor) -> Tensor:
@@ -407,13 +485,14 @@ class Kron(Preconditioner):
 
     @staticmethod
     def _balance(factors: list[Tensor]) -> None:
-        """Rescale the factors to equal max-abs values without changing their Kronecker product."""
+        """Rescale a stack of blocks' factors (``(B, ...)`` each) to equal max-abs values per block without
+        changing their Kronecker product."""
         if len(factors) < 2:
             return
-        norms = torch.stack([q.abs().max() for q in factors])
-        target = norms.log().mean().exp()
+        norms = torch.stack([q.abs().flatten(1).amax(-1) for q in factors])
+        target = norms.log().mean(0).exp()
         for q, scale in zip(factors, (target / norms).unbind()):
-            q.mul_(scale)
+            q.mul_(scale.view(-1, *[1] * (q.ndim - 1)))
 
     @staticmethod
     def _refresh_cache(state: dict[str, Any]) -> None:
