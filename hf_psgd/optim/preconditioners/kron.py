@@ -365,11 +365,13 @@ class Kron(Preconditioner):
     @staticmethod
     def _bound(term_a: Tensor, term_b: Tensor | float, diagonal: bool) -> Tensor:
         """A lower bound (one per block of a stack) of ``|Gamma + V|_2``, the two PSD terms of the fit's
-        gradient; ``|Gamma + c I|_2 = |Gamma|_2 + c`` for the whitening term ``c I``."""
+        gradient (a float ``term_b``: that multiple of ``I``)."""
         if isinstance(term_b, Tensor):
             total = term_a + term_b
-            return total.amax(-1) if diagonal else spd_norm_lower_bound(total)
-        return (term_a.amax(-1) if diagonal else spd_norm_lower_bound(term_a)) + term_b
+        else:
+            total = term_a.clone()
+            (total if diagonal else total.diagonal(dim1=-2, dim2=-1)).add_(term_b)
+        return total.amax(-1) if diagonal else spd_norm_lower_bound(total)
 
     @staticmethod
     def _store(
