@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,22 @@ def test_owners_balance_memory_flops_and_size_deterministically() -> None:
     assert sorted(set(assign_owners([1.0] * 8, [1.0] * 8, [1.0] * 8, world_size=4))) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="one of each per block"):
         assign_owners([1.0], [1.0, 2.0], [1.0], world_size=2)
+
+
+def test_no_owner_holds_more_memory_than_its_share_plus_the_largest_block() -> None:
+    """Blocks heavy in memory but light in FLOPs (Kron's diagonal-dense mixes) once put 110 of 115 memory units
+    on one of two ranks under the combined cost alone; random instances hold the bound too."""
+    memory, flops, numels = [10.0, 5.0, 50.0, 50.0], [10.0, 1000.0, 1.0, 1.0], [9.0, 9.0, 3.0, 3.0]
+    rng = random.Random(0)
+    instances = [(memory, flops, numels, 2)]
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        draw = [[rng.choice(choices) * 1.0 for _ in range(n)] for choices in ([1, 5, 50], [1, 100, 1000], [1, 9])]
+        instances.append((*draw, rng.randint(1, 5)))
+    for memory, flops, numels, world_size in instances:
+        owners = assign_owners(memory, flops, numels, world_size)
+        held = [sum(m for m, owner in zip(memory, owners) if owner == rank) for rank in range(world_size)]
+        assert max(held) <= sum(memory) / world_size + max(memory)
 
 
 @pytest.mark.parametrize("world_size", [0, -1])

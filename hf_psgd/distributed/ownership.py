@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 __all__ = ["assign_owners"]
@@ -16,9 +15,11 @@ def assign_owners(
     ``world_size x`` the largest rank's total).
 
     Each block's cost is ``memory_i / sum(memory) + flops_i / sum(flops) + numel_i / sum(numel)``
-    (the three resources weigh equally); blocks go, most expensive first, to the rank with the
-    least cost so far (ties: the lowest rank): the longest-processing-time rule, within 4/3 of the
-    best balance. Deterministic, so every rank computes the same answer without communicating.
+    (the three resources weigh equally); blocks go, most expensive first, to the rank with the least
+    cost so far (ties: the lowest rank) among the ranks whose memory is still at most its share
+    ``sum(memory) / world_size`` (the rank with the least memory always is): the longest-processing-time
+    rule, under which no rank's memory exceeds its share plus the largest block. Deterministic, so every
+    rank computes the same answer without communicating.
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size!r} is invalid: expected an int >= 1")
@@ -28,10 +29,12 @@ def assign_owners(
         )
     totals = [sum(values) or 1.0 for values in (memory, flops, numels)]
     costs = [m / totals[0] + f / totals[1] + n / totals[2] for m, f, n in zip(memory, flops, numels)]
+    share = sum(memory) / world_size
     owners = [0] * len(costs)
-    loads = [(0.0, rank) for rank in range(world_size)]
+    loads, held = [0.0] * world_size, [0.0] * world_size
     for block in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        load, rank = heapq.heappop(loads)
+        rank = min(range(world_size), key=lambda r: (held[r] > share, loads[r], r))
         owners[block] = rank
-        heapq.heappush(loads, (load + costs[block], rank))
+        loads[rank] += costs[block]
+        held[rank] += memory[block]
     return owners
