@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,17 @@ def test_sft_config_learning_rate_defaults(tmp_path: Path) -> None:
     assert PSGDSFTConfig(**common, optim="psgd_lra").learning_rate == 1e-3
     assert PSGDSFTConfig(**common).learning_rate == SFTConfig(**common).learning_rate == 2e-5
     assert PSGDSFTConfig(**common, optim="psgd_kron", learning_rate=0.05).learning_rate == 0.05
+
+
+def test_sft_config_keeps_trl_checkpointing_default_without_deprecation_warning(tmp_path: Path) -> None:
+    """TRL defaults the deprecated ``gradient_checkpointing`` to True, which made every default config warn;
+    PSGDSFTConfig sets ``activation_checkpointing`` instead, and an explicit value of either name is kept."""
+    options = {"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, "bf16": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        default = PSGDSFTConfig(optim="psgd_kron", **options)
+        off = PSGDSFTConfig(optim="psgd_kron", activation_checkpointing=False, **options)
+    assert (default.activation_checkpointing, default.gradient_checkpointing) == (True, True)
+    assert (off.activation_checkpointing, off.gradient_checkpointing) == (False, False)
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        assert PSGDSFTConfig(gradient_checkpointing=False, **options).activation_checkpointing is False

@@ -11,7 +11,7 @@ extra forward without gradient through the fused head.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +26,21 @@ __all__ = ["PSGDSFTConfig", "PSGDSFTTrainer"]
 
 @dataclass
 class PSGDSFTConfig(PSGDArgumentsMixin, SFTConfig):
-    """``trl.SFTConfig`` that also accepts ``optim="psgd_kron"`` (and every other PSGD family)."""
+    """``trl.SFTConfig`` that also accepts ``optim="psgd_kron"`` (and every other PSGD family).
+
+    Activation checkpointing is on by default, as in TRL, but set under transformers' current name
+    (``activation_checkpointing``): TRL's default of the deprecated ``gradient_checkpointing`` made every
+    default config raise transformers' deprecation warning. ``gradient_checkpointing`` still works (with
+    that warning)."""
+
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata=dict(SFTConfig.__dataclass_fields__["gradient_checkpointing"].metadata)
+    )
+
+    def __post_init__(self) -> None:
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, without the deprecated name
+        super().__post_init__()
 
 
 def _logits_sft_loss(loss_type: str) -> Callable[..., Tensor]:
