@@ -8,8 +8,9 @@ I|^{-1}``); families that integrate the probe add the damping term themselves.
 
 Every fit is checked on the device, with no host synchronisation: a fit on a pair with ``h = 0``
 (a stall: no gradient, so nothing is learnt about the curvature, while the fit would inflate ``P``
-towards ``1 / damping``) and a fit whose result is not finite anywhere (bound, ``Q``, ``P``) are
-undone, and ``state["rejected_fits"]`` counts them.
+towards ``1 / damping``) and a fit whose result is not finite anywhere (bound, ``Q``, ``P``; read from
+their sums, :func:`~.preconditioners.base.finite_sums`) are undone, and ``state["rejected_fits"]``
+counts them.
 """
 
 from __future__ import annotations

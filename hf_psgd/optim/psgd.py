@@ -378,15 +378,12 @@ class PSGD(Optimizer):
         """The fits of ``Q`` of the owned blocks that fit this step, batched per family and param group
         (:func:`~.fitting.fit_preconditioners`; one compiled call per block where ``compile_kernels``), then
         the secant fits where asked; all masked where ``keep`` is false."""
-        batches: dict[tuple[type, int], list[tuple[dict[str, Any], Tensor | None, Tensor]]] = {}
-        groups: dict[int, dict[str, Any]] = {}
+        batches: dict[tuple[type, int], tuple[dict[str, Any], list[tuple[dict[str, Any], Tensor | None, Tensor]]]] = {}
         for (plan, step), g, direction in zip(owned, gradients, directions):
             if plan.fits:
-                groups[id(plan.group)] = plan.group
                 pair = self._fit_pair(plan, step, g, direction, hv)
-                batches.setdefault((plan.family, id(plan.group)), []).append(pair)
-        for (family, group_id), pairs in batches.items():
-            group = groups[group_id]
+                batches.setdefault((plan.family, id(plan.group)), (plan.group, []))[1].append(pair)
+        for (family, _), (group, pairs) in batches.items():
             if group["compile_kernels"]:
                 checked = self._kernel(checked_updates, True)
                 for pair in pairs:

@@ -25,6 +25,7 @@ __all__ = [
     "Preconditioner",
     "family_option_fields",
     "get_preconditioner",
+    "finite_sums",
     "register_preconditioner",
     "tensor_shapes",
     "update_lipschitz",
@@ -47,6 +48,12 @@ def update_lipschitz(lipschitz: Tensor, bound: Tensor, beta: float) -> Tensor:
     limited = torch.where(lipschitz > 0, torch.minimum(bound, lipschitz * LIPSCHITZ_JUMP), bound)
     torch.maximum(lipschitz.mul_(beta).add_(limited, alpha=1 - beta), limited, out=lipschitz)
     return torch.maximum(lipschitz, bound)
+
+
+def finite_sums(tensor: Tensor, batch: int = 0) -> Tensor:
+    """Whether ``tensor`` (each stacked tensor, with ``batch`` leading dims) is finite, read from its sum in
+    one pass: a NaN or Inf makes the sum non-finite (so does a sum that overflows: a fit no one wants)."""
+    return tensor.flatten(batch).sum(-1).isfinite()
 
 
 class Preconditioner(ABC):
@@ -94,14 +101,15 @@ class Preconditioner(ABC):
         accept: Sequence[Tensor],
     ) -> list[Tensor]:
         """:meth:`update` of several blocks on their pairs, each kept only where its ``accept`` (a 0-dim
-        bool) is true and every tensor it fits (:meth:`fitted_tensors`) comes out finite, else undone;
+        bool) is true and every tensor it fits (:meth:`fitted_tensors`) comes out finite (:func:`finite_sums`),
+        else undone;
         returns whether each block's fit was kept. One block at a time unless the family batches them."""
         kept = []
         for state, v, h, ok in zip(states, vs, hs, accept):
             tensors = cls.fitted_tensors(state)
             saved = [t.clone() for t in tensors]
             cls.update(state, v, h, options)
-            ok = ok & torch.stack([t.isfinite().all() for t in tensors]).all()
+            ok = ok & torch.stack([finite_sums(t) for t in tensors]).all()
             for tensor, old in zip(tensors, saved):
                 tensor.copy_(torch.where(ok, tensor, old))
             kept.append(ok)

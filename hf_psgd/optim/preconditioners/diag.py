@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import work_dtype
-from .base import Preconditioner, register_preconditioner
+from .base import Preconditioner, finite_sums, register_preconditioner
 
 __all__ = ["Diag"]
 
@@ -61,11 +61,11 @@ class Diag(Preconditioner):
         accept: Sequence[Tensor],
     ) -> list[Tensor]:
         """Every block's fit in multi-tensor operations, written where its ``accept`` is true and its new
-        ``q`` is finite (its sum is: one pass)."""
+        ``q`` is finite (:func:`~.base.finite_sums`)."""
         kept = []
         for state, ok, new in zip(states, accept, cls._fitted(states, vs, hs, options)):
             stored = state["q"]
-            ok = ok & new.sum().isfinite()
+            ok = ok & finite_sums(new)
             torch.where(ok, new.to(stored.dtype), stored, out=stored)
             kept.append(ok)
         return kept

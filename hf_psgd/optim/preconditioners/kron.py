@@ -70,7 +70,7 @@ from ..linalg import (
     work_dtype,
 )
 from ..validation import DTYPES, FamilyOptions, check, dtype_name, is_int
-from .base import Preconditioner, register_preconditioner, update_lipschitz
+from .base import Preconditioner, finite_sums, register_preconditioner, update_lipschitz
 
 __all__ = ["Kron", "KronOptions", "factor_is_dense", "work_shape"]
 
@@ -289,7 +289,7 @@ class Kron(Preconditioner):
         """Blocks of equal factor shapes and dtypes (e.g. the same layer of every transformer block) are
         fitted as one stack, one batched product per product of the fit (a block's result equals its fit
         alone within the rounding of batched products); a block is written where its ``accept`` is true
-        and the sums of its new tensors are finite (one pass each)."""
+        and its new tensors are finite (:func:`~.base.finite_sums`)."""
         batches: dict[tuple[Any, ...], list[int]] = {}
         for index, state in enumerate(states):
             q, p = state["Q"], state["P"]
@@ -299,8 +299,7 @@ class Kron(Preconditioner):
         for members in batches.values():
             batch = [states[i] for i in members]
             fitted = cls._fitted(batch, [vs[i] for i in members], [hs[i] for i in members], options)
-            stacks = [stack for key in cls.state_keys for stack in fitted[key]]
-            finite = torch.stack([stack.flatten(1).sum(1).isfinite() for stack in stacks]).all(0)
+            finite = torch.stack([finite_sums(stack, batch=1) for stack in fitted]).all(0)
             kept = torch.stack([accept[i] for i in members]) & finite
             cls._store(batch, fitted, kept)
             accepted.update(zip(members, kept.unbind()))
@@ -313,10 +312,11 @@ class Kron(Preconditioner):
         vs: Sequence[Tensor | None],
         hs: Sequence[Tensor],
         options: Mapping[str, Any],
-    ) -> dict[str, list[Tensor]]:
-        """One fit of every block of ``states`` (equal factor shapes and dtypes) on its pair, as stacks
-        ``(B, ...)`` of the new factors (``"Q"``, one per dim), cached ``P`` and bounds (one ``(B, k)``),
-        in the stored dtypes; the states are left unchanged (module docstring for the fits)."""
+    ) -> list[Tensor]:
+        """One fit of every block of ``states`` (equal factor shapes and dtypes) on its pair: stacks
+        ``(B, ...)`` of the new tensors in :meth:`fitted_tensors` order (the factors, the cached ``P``, the
+        bounds ``(B, k)``), in the stored dtypes; the states are left unchanged (module docstring for the
+        fits)."""
         shape = _state_shape(states[0])
         stored = [[state["Q"][dim] for state in states] for dim in range(len(shape))]
         factors = [torch.stack(qs).to(work_dtype(qs[0].dtype)) for qs in stored]
@@ -360,7 +360,7 @@ class Kron(Preconditioner):
         cache = states[0]["P"][0].dtype
         stores_p = _stores_p(states[0])
         new_p = [(q if stores_p else _cache_of(q.to(work_dtype(q.dtype)), batch=1)).to(cache) for q in new_q]
-        return {"Q": new_q, "P": new_p, "lipschitz": [lipschitz.mT]}
+        return [*new_q, *new_p, lipschitz.mT]
 
     @staticmethod
     def _bound(term_a: Tensor, term_b: Tensor | float, diagonal: bool) -> Tensor:
@@ -373,19 +373,16 @@ class Kron(Preconditioner):
             (total if diagonal else total.diagonal(dim1=-2, dim2=-1)).add_(term_b)
         return total.amax(-1) if diagonal else spd_norm_lower_bound(total)
 
-    @staticmethod
-    def _store(
-        states: Sequence[dict[str, Any]], fitted: Mapping[str, list[Tensor]], kept: Tensor | None = None
-    ) -> None:
-        """Write stacks of fitted tensors (:meth:`_fitted`) into the blocks' states, only where ``kept`` (one
-        per block) is true if it is given."""
-        for key, stacks in fitted.items():
-            slots = [state[key] if isinstance(state[key], list) else [state[key]] for state in states]
-            for position, new in enumerate(stacks):
-                targets = [slot[position] for slot in slots]
-                if kept is not None:
-                    new = torch.where(kept.view(-1, *[1] * (new.ndim - 1)), new, torch.stack(targets))
-                torch._foreach_copy_(targets, list(new.unbind()))
+    @classmethod
+    def _store(cls, states: Sequence[dict[str, Any]], fitted: list[Tensor], kept: Tensor | None = None) -> None:
+        """Write the stacks of :meth:`_fitted` into the blocks' states, only where ``kept`` (one per block)
+        is true if it is given."""
+        slots = [cls.fitted_tensors(state) for state in states]
+        for position, new in enumerate(fitted):
+            targets = [slot[position] for slot in slots]
+            if kept is not None:
+                new = torch.where(kept.view(-1, *[1] * (new.ndim - 1)), new, torch.stack(targets))
+            torch._foreach_copy_(targets, list(new.unbind()))
 
     @classmethod
     def _probe_terms(
