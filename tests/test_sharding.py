@@ -27,7 +27,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OM
 # ----------------------------------------------------------------------------- ownership
 
 
-def test_owners_balance_memory_flops_and_size_deterministically() -> None:
+def test_owners_balance_work_and_size_within_memory_deterministically() -> None:
     memory = [100.0, 1.0, 1.0, 50.0, 50.0, 1.0]
     flops = [1000.0, 10.0, 10.0, 500.0, 500.0, 10.0]
     numels = [10.0, 1.0, 1.0, 5.0, 5.0, 1.0]
@@ -56,6 +56,15 @@ def test_no_owner_holds_more_memory_than_its_share_plus_the_largest_block() -> N
         owners = assign_owners(memory, flops, numels, world_size)
         held = [sum(m for m, owner in zip(memory, owners) if owner == rank) for rank in range(world_size)]
         assert max(held) <= sum(memory) / world_size + max(memory)
+
+
+def test_memory_bounds_the_owners_but_does_not_unbalance_their_work() -> None:
+    """A block heavy in memory and light in FLOPs (an embedding with a diagonal factor) once counted as a
+    rank's full share of work under a cost that summed memory too: its rank got 1 of 41 FLOPs."""
+    memory, flops, numels = [100.0, 1.0, 1.0, 1.0, 1.0], [1.0, 10.0, 10.0, 10.0, 10.0], [1.0] * 5
+    owners = assign_owners(memory, flops, numels, world_size=2)
+    work = [sum(f for f, owner in zip(flops, owners) if owner == rank) for rank in (0, 1)]
+    assert abs(work[0] - work[1]) <= max(flops)
 
 
 @pytest.mark.parametrize("world_size", [0, -1])

@@ -14,12 +14,13 @@ def assign_owners(
     of the update each owner sends (the block's number of elements; the padded all-gather moves
     ``world_size x`` the largest rank's total).
 
-    Each block's cost is ``memory_i / sum(memory) + flops_i / sum(flops) + numel_i / sum(numel)``
-    (the three resources weigh equally); blocks go, most expensive first, to the rank with the least
-    cost so far (ties: the lowest rank) among the ranks whose memory is still at most its share
-    ``sum(memory) / world_size`` (the rank with the least memory always is): the longest-processing-time
-    rule, under which no rank's memory exceeds its share plus the largest block. Deterministic, so every
-    rank computes the same answer without communicating.
+    Each block's cost is ``flops_i / sum(flops) + numel_i / sum(numel)`` (a rank's work: the fit's and
+    the preconditioning's products, and the elementwise passes and the update it sends, which scale with
+    its elements); blocks go, most expensive first, to the rank with the least cost so far (ties: the
+    lowest rank) among the ranks whose memory is still at most its share ``sum(memory) / world_size``
+    (the rank with the least memory always is): the longest-processing-time rule, under which no rank's
+    memory exceeds its share plus the largest block. Memory bounds the choice and is not part of the
+    cost. Deterministic, so every rank computes the same answer without communicating.
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size!r} is invalid: expected an int >= 1")
@@ -27,8 +28,8 @@ def assign_owners(
         raise ValueError(
             f"{len(memory)} memory, {len(flops)} FLOP and {len(numels)} size costs: expected one of each per block"
         )
-    totals = [sum(values) or 1.0 for values in (memory, flops, numels)]
-    costs = [m / totals[0] + f / totals[1] + n / totals[2] for m, f, n in zip(memory, flops, numels)]
+    total_flops, total_numel = sum(flops) or 1.0, sum(numels) or 1.0
+    costs = [f / total_flops + n / total_numel for f, n in zip(flops, numels)]
     share = sum(memory) / world_size
     owners = [0] * len(costs)
     loads, held = [0.0] * world_size, [0.0] * world_size
