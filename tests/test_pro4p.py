@@ -206,3 +206,24 @@ def test_a_pro4p_checkpoint_goes_on_under_another_fit(fit: str) -> None:
     _whiten(resumed, y, 100, 0.2, seed=1)
     _whiten(resumed, y, 100, 0.05, seed=2)
     assert _whitening_error(state["P"]) < 0.1
+
+
+@pytest.mark.parametrize("defect", ["singular", "indefinite"])
+def test_a_pro4p_factor_that_rounding_left_not_positive_definite_converts_to_finite_factors(defect: str) -> None:
+    """A stored ``P_i`` that is singular or slightly indefinite (rounding) still turns into finite, invertible
+    upper-triangular ``Q_i`` whose ``Q_i^T Q_i`` is ``P_i`` on its positive spectrum; the fit goes on."""
+    x = torch.nn.Parameter(torch.zeros(4, 3, 16))
+    opt = PSGD([x], lr=0.0, momentum=0.0, precond_update_prob=1.0, fit="pro4p", **FACTORS)
+    _whiten(opt, x, 5, 0.2)
+    state = opt.state[x]
+    vectors = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0))).Q
+    values = torch.tensor([2.0, 1.0, 0.5, 0.0 if defect == "singular" else -1e-6])
+    state["Q"][0].copy_((vectors * values) @ vectors.mT)
+    opt.param_groups[0]["fit"] = "eq"
+    Kron.conform_state(state, opt.param_groups[0])
+    q = state["Q"][0]
+    assert torch.isfinite(q).all() and torch.equal(q, q.triu()) and (q.diagonal() > 0).all()
+    kept = (vectors * values.clamp_min(0)) @ vectors.mT
+    torch.testing.assert_close(q.mT @ q, kept, atol=1e-5, rtol=0)
+    _whiten(opt, x, 20, 0.2, seed=1)
+    assert all(torch.isfinite(t).all() for t in state["Q"])

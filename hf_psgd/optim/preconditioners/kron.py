@@ -141,6 +141,21 @@ def _minus_(x: Tensor, term: Tensor | float, diagonal: bool) -> Tensor:
     return x
 
 
+def _upper_cholesky_factor(p: Tensor) -> Tensor:
+    """``R`` upper triangular with ``R^T R = P`` for a symmetric positive definite factor ``P``. Where
+    rounding left ``P`` not numerically positive definite (Cholesky's ``info`` non-zero), its eigenvalues
+    are first lifted to at least ``eps`` times the largest (``P`` unchanged on the rest of its
+    spectrum), so the factor is finite and invertible rather than partly undefined."""
+    symmetric = (p + p.mT) / 2
+    factor, info = torch.linalg.cholesky_ex(symmetric)
+    if info.item() != 0:  # once per factor, at a change of fit
+        values, vectors = torch.linalg.eigh(symmetric)
+        floor = values.amax().clamp_min(torch.finfo(p.dtype).tiny) * torch.finfo(p.dtype).eps
+        lifted = (vectors * values.clamp_min(floor)) @ vectors.mT
+        factor = torch.linalg.cholesky((lifted + lifted.mT) / 2)
+    return factor.mT
+
+
 def _stores_p(state: Mapping[str, Any]) -> bool:
     """Whether ``state["Q"]`` holds the factors of ``P`` (PRO4P; absent from states saved before it)."""
     return state.get("stores_p", False)
@@ -268,7 +283,7 @@ class Kron(Preconditioner):
             elif factor.ndim == 1:
                 factor = factor.sqrt()
             else:
-                factor = torch.linalg.cholesky_ex((factor + factor.mT) / 2).L.mT
+                factor = _upper_cholesky_factor(factor)
             stored.copy_(factor)
         state["stores_p"] = wanted
 
