@@ -24,7 +24,9 @@ preconditioner work is largest) on fixed, already averaged gradients. Per rank a
   reported too.
 
 Targets (issue 5): per-rank preconditioner work with 2 processes <= 0.6x the 1-process time;
-communicated bytes per step <= one parameter-sized buffer.
+communicated bytes per step <= one parameter-sized buffer. ``--rounds R`` runs every configuration R times,
+interleaved, and reports each rank's medians: single runs on a shared 2-vCPU machine move the
+one-process time by 30% and the work ratio by +-0.1.
 
 FSDP2 (``fully_shard`` on every transformer block and the root; gradients from one real backward
 of the rank's part of the batch, reduce-scattered by FSDP2) runs PSGD and, as the baseline,
@@ -240,6 +242,21 @@ def run(processes: int, steps: int, warmup: int, worker_args: tuple[str, ...] = 
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
+def run_rounds(counts: list[int], rounds: int, steps: int, warmup: int, worker_args: tuple[str, ...] = ()) -> dict:
+    """Every process count of ``counts`` run ``rounds`` times, the counts interleaved within each round (so a
+    drift of the machine's speed reaches them alike); per rank, every figure's median over the rounds."""
+    runs: dict[int, list[list[dict]]] = {n: [] for n in counts}
+    for _ in range(rounds):
+        for n in counts:
+            runs[n].append(run(n, steps, warmup, worker_args))
+    return {n: [_medians([r[rank] for r in per_round]) for rank in range(n)] for n, per_round in runs.items()}
+
+
+def _medians(results: list[dict]) -> dict:
+    """Every figure of one rank's results (one per round): its median."""
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
+
+
 def report(results: dict[int, list[dict]]) -> str:
     base = results[1][0]
     lines = [
@@ -280,7 +297,7 @@ def report(results: dict[int, list[dict]]) -> str:
         bound = base["preconditioner_bytes"] / processes + base["largest_block_bytes"]
         held = max(r["preconditioner_bytes"] for r in ranks)
         verdicts.append(
-            f"- {processes} processes: max preconditioner bytes per rank {held} <= total/N + largest block "
+            f"- {processes} processes: max preconditioner bytes per rank {held:.0f} <= total/N + largest block "
             f"{bound:.0f}: {_verdict(held <= bound)}"
         )
     return "\n".join(lines + [""] + verdicts)
@@ -341,6 +358,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--fsdp2-processes", default="1,2,4", help="process counts of the FSDP2 rows ('' for none)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every configuration, interleaved; per-rank medians reported"
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp2", choices=["psgd", "adamw"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -351,14 +371,14 @@ def main() -> None:
         worker(args.worker, args.steps, args.warmup)
         return
     counts = sorted({1, *(int(n) for n in args.processes.split(","))})
-    results = {n: run(n, args.steps, args.warmup) for n in counts}
+    results = run_rounds(counts, args.rounds, args.steps, args.warmup)
     size = sum(p.numel() for p in TinyGPT(model_config(D_MODEL)).parameters()) / 1e6
     text = f"# Sharded preconditioners ({size:.2f}M-parameter GPT)\n\n## Data parallelism\n\n"
     text += report(results) + "\n"
     fsdp2_counts = sorted({1, *(int(n) for n in args.fsdp2_processes.split(",") if n)}) if args.fsdp2_processes else []
     if fsdp2_counts:
-        psgd = {n: run(n, args.steps, args.warmup, ("--fsdp2", "psgd")) for n in fsdp2_counts}
-        adamw = {n: run(n, args.steps, args.warmup, ("--fsdp2", "adamw")) for n in fsdp2_counts}
+        psgd = run_rounds(fsdp2_counts, args.rounds, args.steps, args.warmup, ("--fsdp2", "psgd"))
+        adamw = run_rounds(fsdp2_counts, args.rounds, args.steps, args.warmup, ("--fsdp2", "adamw"))
         text += "\n## FSDP2\n\n" + fsdp2_report(psgd, adamw, results) + "\n"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "sharding.md").write_text(text)
