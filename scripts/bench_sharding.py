@@ -364,6 +364,8 @@ def main() -> None:
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp2", choices=["psgd", "adamw"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds} is invalid: expected an int >= 1")
     if args.worker and args.fsdp2:
         fsdp2_worker(args.worker, args.steps, args.warmup, args.fsdp2)
         return
