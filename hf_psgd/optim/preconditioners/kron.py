@@ -144,16 +144,18 @@ def _minus_(x: Tensor, term: Tensor | float, diagonal: bool) -> Tensor:
 def _upper_cholesky_factor(p: Tensor) -> Tensor:
     """``R`` upper triangular with ``R^T R = P`` for a symmetric positive definite factor ``P``. Where
     rounding left ``P`` not numerically positive definite (Cholesky's ``info`` non-zero), its eigenvalues
-    are first lifted to at least ``eps`` times the largest (``P`` unchanged on the rest of its
-    spectrum), so the factor is finite and invertible rather than partly undefined."""
+    are lifted to at least ``eps`` times the largest (``P`` unchanged on the rest of its spectrum) and
+    ``R`` is the triangle of the QR of ``Lambda^(1/2) V^T`` (``R^T R = V Lambda V^T``, no second
+    factorisation that rounding could fail), rows signed to a positive diagonal: finite and invertible
+    rather than partly undefined."""
     symmetric = (p + p.mT) / 2
     factor, info = torch.linalg.cholesky_ex(symmetric)
-    if info.item() != 0:  # once per factor, at a change of fit
-        values, vectors = torch.linalg.eigh(symmetric)
-        floor = values.amax().clamp_min(torch.finfo(p.dtype).tiny) * torch.finfo(p.dtype).eps
-        lifted = (vectors * values.clamp_min(floor)) @ vectors.mT
-        factor = torch.linalg.cholesky((lifted + lifted.mT) / 2)
-    return factor.mT
+    if info.item() == 0:  # once per factor, at a change of fit
+        return factor.mT
+    values, vectors = torch.linalg.eigh(symmetric)
+    floor = values.amax().clamp_min(torch.finfo(p.dtype).tiny) * torch.finfo(p.dtype).eps
+    r = torch.linalg.qr(values.clamp_min(floor).sqrt().unsqueeze(-1) * vectors.mT).R
+    return r * r.diagonal().sign().unsqueeze(-1)
 
 
 def _stores_p(state: Mapping[str, Any]) -> bool:
