@@ -68,6 +68,36 @@ def test_quality_suite_learning_rate_rule(monkeypatch) -> None:
     assert bench.psgd_lr(whiten, 0.01, rule="default") == 1e-3
 
 
+def test_quality_suite_seeds_per_task(monkeypatch, tmp_path: Path) -> None:
+    """Each task runs its own number of seeds (more on the small, noisy ones) unless ``--seeds`` sets one for all;
+    ``--seeds`` below 1 is refused."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_quality")
+    tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
+    own = bench.make_suite(bench.parse_args(["--cache-dir", str(tmp_path)]))
+    assert own.seeds_for(tasks["gpt-arithmetic"]) == [0, 1, 2]
+    assert own.seeds_for(tasks["digits-lenet"]) == own.seeds_for(tasks["friedman-mlp-hvp"]) == list(range(10))
+    override = bench.make_suite(bench.parse_args(["--seeds", "2", "--cache-dir", str(tmp_path)]))
+    assert override.seeds_for(tasks["digits-lenet"]) == override.seeds_for(tasks["gpt-arithmetic"]) == [0, 1]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seeds", "0"])
+
+
+def test_quality_suite_exact_hvp_twins_share_their_baselines(monkeypatch, tmp_path: Path) -> None:
+    """AdamW and the anchors do not depend on PSGD's options: an exact-H v task reads and writes their runs under
+    the task it was made from; its PSGD runs stay its own."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_quality")
+    optimizers = importlib.import_module("quality.optimizers")
+    tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
+    suite = bench.make_suite(bench.parse_args(["--cache-dir", str(tmp_path)]))
+    base, twin = tasks["digits-lenet"], tasks["digits-lenet-hvp"]
+    assert suite.run_id(twin, optimizers.ADAMW, 0.01, 1) == suite.run_id(base, optimizers.ADAMW, 0.01, 1)
+    assert suite.run_id(twin, optimizers.ADAMW, 0.01, 1).task == "digits-lenet"
+    twin_psgd, base_psgd = suite.run_id(twin, suite.psgd(twin), 0.3, 1), suite.run_id(base, suite.psgd(base), 0.3, 1)
+    assert twin_psgd.task == "digits-lenet-hvp" and twin_psgd.key() != base_psgd.key()
+
+
 def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path: Path) -> None:
     """``scripts/bench_gpu.py`` runs end to end (here on the CPU, a tiny model, hf_psgd and AdamW rows
     only) and writes its table with the derived default-schedule row."""

@@ -97,6 +97,11 @@ def timing_row(timing: Timing, runs: int) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _seeds_text(suite: Suite, tasks: list[Task]) -> str:
+    counts = sorted({len(suite.seeds_for(task)) for task in tasks})
+    return f"{' or '.join(map(str, counts))} seeds per task"
+
+
 def estimate(suite: Suite, tasks: list[Task], steps: int) -> str:
     """Times every installed optimizer on every task; returns the Markdown table and the totals."""
     lines = [
@@ -105,8 +110,8 @@ def estimate(suite: Suite, tasks: list[Task], steps: int) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     total = psgd_only = 0.0
-    seeds = len(suite.seeds)
     for task in tasks:
+        seeds = len(suite.seeds_for(task))
         began = time.perf_counter()
         problem = suite.problem(task)
         data_seconds = time.perf_counter() - began
@@ -128,7 +133,8 @@ def estimate(suite: Suite, tasks: list[Task], steps: int) -> str:
             lines.append(timing_row(timing, runs))
     lines.append("")
     lines.append(
-        f"Whole suite from scratch ({seeds} seeds, {torch.get_num_threads()} thread(s)): {total / 60:.0f} min; "
+        f"Whole suite from scratch ({_seeds_text(suite, tasks)}, {torch.get_num_threads()} thread(s)): "
+        f"{total / 60:.0f} min; "
         f"PSGD-only rerun (`--only psgd`, the rest cached): {psgd_only / 60:.1f} min."
     )
     return "\n".join(lines)

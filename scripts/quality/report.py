@@ -129,11 +129,11 @@ def metrics_table(results: Sequence[TaskResult]) -> str:
     return header + "\n" + "\n".join(lines)
 
 
-def tasks_table(results: Sequence[TaskResult]) -> str:
+def tasks_table(results: Sequence[TaskResult], suite: Suite) -> str:
     lines = [
         "| task | kind | model | trainable params | training data | held-out set | steps | batch | warm-up | "
-        "PSGD options | PSGD lr |",
-        "|---|---|---|---:|---|---|---:|---:|---:|---|---:|",
+        "seeds | PSGD options | PSGD lr |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for result in results:
         task = result.task
@@ -141,7 +141,8 @@ def tasks_table(results: Sequence[TaskResult]) -> str:
         options = ", ".join(f"`{k}={v}`" for k, v in task.psgd_options.items()) or "—"
         lines.append(
             f"| {task.name} | {task.kind} | {task.model} | {'—' if params is None else f'{params:,}'} | {task.data} | "
-            f"{task.eval_set} | {task.steps} | {task.batch} | {task.warmup} | {options} | {fmt_lr(result.psgd_lr)} |"
+            f"{task.eval_set} | {task.steps} | {task.batch} | {task.warmup} | {len(suite.seeds_for(task))} | "
+            f"{options} | {fmt_lr(result.psgd_lr)} |"
         )
     return "\n".join(lines)
 
@@ -174,7 +175,7 @@ def seconds_table(results: Sequence[TaskResult]) -> str:
     return "\n".join(lines)
 
 
-def variants_table(results: Sequence[TaskResult], records: dict[str, dict[str, Record]], seeds: list[int]) -> str:
+def variants_table(results: Sequence[TaskResult], records: dict[str, dict[str, Record]], suite: Suite) -> str:
     """Every PSGD variant (``--label``) in the cache for the current tasks, optimizer code and seeds: mean held-out
     loss over the seeds found, per learning rate; for comparing ablations."""
     table: dict[str, dict[str, list[str]]] = {}
@@ -186,7 +187,7 @@ def variants_table(results: Sequence[TaskResult], records: dict[str, dict[str, R
                 "psgd",
                 task.fingerprint(),
                 version,
-            ) and record["seed"] in seeds:
+            ) and record["seed"] in suite.seeds_for(task):
                 by_variant.setdefault((record["label"], record["lr"]), []).append(held_out_loss(record))
         for (label, lr), losses in sorted(by_variant.items()):
             table.setdefault(label, {}).setdefault(task.name, []).append(
@@ -199,13 +200,13 @@ def variants_table(results: Sequence[TaskResult], records: dict[str, dict[str, R
     return "\n".join(lines)
 
 
-def intro(seeds: list[int], lr_rule: str) -> str:
+def intro(lr_rule: str) -> str:
     return (
-        f"Held-out loss after the last step, mean ± std over seeds {', '.join(map(str, seeds))} (model initialisation "
-        "and batch order), each optimizer at its learning rate in parentheses: the best of its grid on seed "
-        f"{seeds[0]} (AdamW, anchors; † at the edge of the grid), the script's rule for PSGD ({lr_rule}). "
-        "Every optimizer shares the warm-up + cosine schedule, the steps and the batches of a seed. Bold: the row's "
-        "best."
+        "Held-out loss after the last step, mean ± std over seeds 0..n-1 (model initialisation and batch order; n "
+        "per task in the tasks table), each optimizer at its learning rate in parentheses: the best of its grid on "
+        "seed 0 (AdamW, anchors; † at the edge of the grid), the script's rule for PSGD "
+        f"({lr_rule}). Every optimizer shares the warm-up + cosine schedule, the steps and the batches of a seed. "
+        "Bold: the row's best."
     )
 
 
@@ -225,15 +226,15 @@ def render(results: Sequence[TaskResult], suite: Suite, wall_seconds: float, thr
     failures = [f"- {line}" for line in suite.failures]
     sections = [
         "# Quality suite: held-out loss of PSGD at its defaults against tuned AdamW and the PSGD anchors",
-        intro(suite.seeds, suite.lr_rule),
+        intro(suite.lr_rule),
         results_table(results, suite.label),
         "\n".join(summary_lines(results, suite.label, wall_seconds)),
         "## Other held-out metrics\n\n" + (metrics_table(results) or "none"),
-        "## Tasks\n\n" + tasks_table(results),
+        "## Tasks\n\n" + tasks_table(results, suite),
         "## Optimizers\n\n" + optimizer_lines(results, suite),
         "## Learning-rate sweeps\n\n" + sweeps_table(results),
         "## Seconds per run\n\n" + seconds_table(results),
-        "## PSGD variants in the cache\n\n" + variants_table(results, records, suite.seeds),
+        "## PSGD variants in the cache\n\n" + variants_table(results, records, suite),
     ]
     if skipped or failures:
         sections.append("## Skipped and failed\n\n" + "\n".join(skipped + failures))

@@ -108,10 +108,11 @@ class Suite:
     """Runs (or only looks up, for optimizers not in ``may_run``) every entry of every task.
 
     ``psgd_lr`` is the learning-rate rule for PSGD; ``psgd_options`` and ``label`` name a PSGD variant;
-    ``rerun`` lists optimizers whose cached runs are trained again (once per invocation)."""
+    ``rerun`` lists optimizers whose cached runs are trained again (once per invocation); ``seeds``, when
+    given, is the number of seeds on every task instead of each task's own."""
 
     cache: ResultCache
-    seeds: list[int]
+    seeds: int | None
     psgd_lr: LearningRateRule
     psgd_options: dict[str, Any]
     label: str
@@ -121,6 +122,10 @@ class Suite:
     failures: list[str] = field(default_factory=list)
     _problems: dict[str, Problem] = field(default_factory=dict)
     _fresh: set[str] = field(default_factory=set)
+
+    def seeds_for(self, task: Task) -> list[int]:
+        """The task's seeds: ``0 .. n-1`` with ``n`` the suite's override, else the task's own count."""
+        return list(range(self.seeds or task.seeds))
 
     def psgd(self, task: Task) -> OptimizerSpec:
         return psgd_spec({**task.psgd_options, **self.psgd_options})
@@ -143,7 +148,7 @@ class Suite:
         for spec, grid in self.plan(task):
             if spec.name == "psgd":
                 grid = self.psgd_grid(task, found[0].lr)
-            entry = collect(spec.name, grid, self.seeds, self._fetcher(task, spec))
+            entry = collect(spec.name, grid, self.seeds_for(task), self._fetcher(task, spec))
             if not spec.installed():
                 entry.skipped = f"{spec.distribution} is not installed"
             elif not grid:
@@ -152,9 +157,11 @@ class Suite:
         return found
 
     def run_id(self, task: Task, spec: OptimizerSpec, lr: float, seed: int) -> RunId:
+        """A PSGD run is the task's own; AdamW's and the anchors' are its baseline task's (:meth:`Task.baseline`)."""
         variant = f"{self.label}:{options_hash(spec.options)}" if spec.name == "psgd" else ""
+        owner = task if spec.name == "psgd" else task.baseline()
         return RunId(
-            task.name, task.fingerprint(), spec.name, variant, spec.version() if spec.installed() else "", lr, seed
+            owner.name, owner.fingerprint(), spec.name, variant, spec.version() if spec.installed() else "", lr, seed
         )
 
     def _fetcher(self, task: Task, spec: OptimizerSpec) -> Fetch:
