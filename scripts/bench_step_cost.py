@@ -260,16 +260,22 @@ def all_configs() -> list[Config]:
         Config("adamw", "torch.optim.AdamW(lr=1e-3), the baseline", partial(torch.optim.AdamW, lr=LR)),
         *update_and_apply(
             "psgd-kron",
-            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0): fp32 factors applied with bf16 "
-            "products (the default apply_dtype)",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0): fp32 factors applied with the "
+            "default apply_dtype (bf16 products where they are native, as with AVX-512; fp32 products elsewhere)",
             make_psgd,
             Switch("precond_update_prob", TINY_PROB, in_groups=True),
         ),
         *update_and_apply(
             "psgd-kron-fp32",
-            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, apply_dtype='float32'): fp32 "
-            "products (the default applies the fp32 factors with bf16 products)",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, apply_dtype='float32'): fp32 products",
             partial(make_psgd, apply_dtype="float32"),
+            Switch("precond_update_prob", TINY_PROB, in_groups=True),
+        ),
+        *update_and_apply(
+            "psgd-kron-bf16",
+            "hf_psgd PSGD(lr=1e-3, curvature='whiten', precond_update_prob=1.0, apply_dtype='bfloat16'): bf16 "
+            "products whether or not they are native here",
+            partial(make_psgd, apply_dtype="bfloat16"),
             Switch("precond_update_prob", TINY_PROB, in_groups=True),
         ),
         Config(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_psgd import PSGD
+from hf_psgd.optim.preconditioners import kron
 
 
 def _factor_shapes(shape: tuple[int, ...], **options: object) -> list[tuple[int, ...]]:
@@ -108,19 +109,24 @@ def test_bad_factor_options_are_named(key: str, value: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("param_dtype", "apply_dtype", "cache_dtype"),
+    ("param_dtype", "apply_dtype", "fast_bf16", "cache_dtype"),
     [
-        (torch.float32, None, torch.bfloat16),  # the default: bf16 products on fp32 factors
-        (torch.float32, "float32", torch.float32),
-        (torch.bfloat16, None, torch.bfloat16),  # fp32 storage for bf16 parameters, bf16 products
-        (torch.float64, None, torch.float64),  # float64 stays float64
+        (torch.float32, None, True, torch.bfloat16),  # the default: bf16 products on fp32 factors ...
+        (torch.float32, None, False, torch.float32),  # ... where they are native, else fp32 products
+        (torch.float32, "float32", True, torch.float32),
+        (torch.float32, "bfloat16", False, torch.bfloat16),  # asked for: bf16 products anyway
+        (torch.bfloat16, None, True, torch.bfloat16),  # fp32 storage for bf16 parameters, bf16 products
+        (torch.bfloat16, None, False, torch.float32),
+        (torch.float64, None, True, torch.float64),  # float64 stays float64
     ],
 )
 def test_the_cache_and_the_update_take_the_apply_dtype(
-    param_dtype: torch.dtype, apply_dtype: str | None, cache_dtype: torch.dtype
+    monkeypatch, param_dtype: torch.dtype, apply_dtype: str | None, fast_bf16: bool, cache_dtype: torch.dtype
 ) -> None:
-    """``P`` is cached in the apply dtype, ``Q`` stays in the storage dtype, and the update applied in bf16
-    products is that of fp32 products up to bf16 rounding."""
+    """``P`` is cached in the apply dtype (by default bf16 only where the device's bf16 products are native),
+    ``Q`` stays in the storage dtype, and the update applied in bf16 products is that of fp32 products up to
+    bf16 rounding."""
+    monkeypatch.setattr(kron, "fast_bf16_products", lambda device: fast_bf16)
     generator = torch.Generator().manual_seed(0)
     gradients = [torch.randn(6, 5, generator=generator) for _ in range(4)]
     x = torch.nn.Parameter(torch.ones(6, 5, dtype=param_dtype))
@@ -138,9 +144,20 @@ def test_the_cache_and_the_update_take_the_apply_dtype(
     torch.testing.assert_close(x.detach().double(), reference.detach(), rtol=tolerance, atol=tolerance)
 
 
-def test_a_state_saved_with_other_products_loads_with_its_cache_in_the_new_dtype() -> None:
-    """A checkpoint of fp32 products (hf_psgd 0.3's, or ``apply_dtype="float32"``) resumes under the default:
-    ``Q`` exactly as saved, ``P`` cast to bf16."""
+def test_bf16_products_are_native_only_on_devices_that_have_them() -> None:
+    """The CPU's answer is oneDNN's (AVX-512 or ARM bf16: native; AVX2: a reference kernel about 40x slower than
+    fp32); a device torch cannot ask (``meta``) is not assumed to have them."""
+    assert kron.fast_bf16_products(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not kron.fast_bf16_products(torch.device("meta"))
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_a_state_saved_with_other_products_loads_with_its_cache_in_the_new_dtype(monkeypatch, fast_bf16: bool) -> None:
+    """A checkpoint of fp32 products (hf_psgd 0.3's, ``apply_dtype="float32"``, or a device without native bf16
+    products) resumes under the default: ``Q`` exactly as saved, ``P`` in the dtype the default gives here (bf16
+    where bf16 products are native)."""
+    monkeypatch.setattr(kron, "fast_bf16_products", lambda device: fast_bf16)
+    wanted = torch.bfloat16 if fast_bf16 else torch.float32
     generator = torch.Generator().manual_seed(0)
     x = torch.nn.Parameter(torch.zeros(6, 5))
     saved_by = PSGD([x], lr=0.01, precond_update_prob=1.0, apply_dtype="float32")
@@ -155,8 +172,31 @@ def test_a_state_saved_with_other_products_loads_with_its_cache_in_the_new_dtype
     resumed.load_state_dict(saved)
     state = resumed.state[y]
     assert all(torch.equal(q, old) for q, old in zip(state["Q"], saved_by.state[x]["Q"]))
-    assert all(p.dtype == torch.bfloat16 for p in state["P"])
-    assert all(torch.equal(p, old.bfloat16()) for p, old in zip(state["P"], saved_by.state[x]["P"]))
+    assert all(p.dtype == wanted for p in state["P"])
+    assert all(torch.equal(p, old.to(wanted)) for p, old in zip(state["P"], saved_by.state[x]["P"]))
     y.grad = torch.randn(6, 5, generator=generator)
     resumed.step()
-    assert all(p.dtype == torch.bfloat16 for p in state["P"]) and bool(y.isfinite().all())
+    assert all(p.dtype == wanted for p in state["P"]) and bool(y.isfinite().all())
+
+
+def test_a_state_saved_with_bf16_products_loads_with_fp32_products_where_bf16_is_slow(monkeypatch) -> None:
+    """A checkpoint from a device with native bf16 products (a GPU) resumed on one without (an AVX2 CPU): ``Q``
+    as saved, the cached ``P`` in fp32, and the next steps as those of a state fitted there."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.Parameter(torch.zeros(6, 5))
+    monkeypatch.setattr(kron, "fast_bf16_products", lambda device: True)
+    saved_by = PSGD([x], lr=0.01, precond_update_prob=1.0)
+    for _ in range(3):
+        x.grad = torch.randn(6, 5, generator=generator)
+        saved_by.step()
+    assert all(p.dtype == torch.bfloat16 for p in saved_by.state[x]["P"])
+    monkeypatch.setattr(kron, "fast_bf16_products", lambda device: False)
+    y = torch.nn.Parameter(x.detach().clone())
+    resumed = PSGD([y], lr=0.01, precond_update_prob=1.0)
+    resumed.load_state_dict(saved_by.state_dict())
+    state = resumed.state[y]
+    assert all(torch.equal(q, old) for q, old in zip(state["Q"], saved_by.state[x]["Q"]))
+    assert all(p.dtype == torch.float32 for p in state["P"])
+    y.grad = torch.randn(6, 5, generator=generator)
+    resumed.step()
+    assert all(p.dtype == torch.float32 for p in state["P"]) and bool(y.isfinite().all())

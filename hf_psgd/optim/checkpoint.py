@@ -47,18 +47,14 @@ def _fresh_state(plan: BlockPlan) -> dict[str, Any]:
 
 def conform_loaded_cache(plan: BlockPlan, state: dict[str, Any]) -> None:
     """Cast a loaded state's caches (:attr:`~.preconditioners.Preconditioner.cache_keys`, e.g. Kron's
-    ``P``, saved in another ``apply_dtype``) to the dtype the block's options give them now (a list
-    of tensors, which may be shaped under another factor rule, to the dtype of the fresh list)."""
-    keys = [key for key in plan.family.cache_keys if key in state]
-    if not keys:
-        return
-    fresh = _fresh_state(plan)
-    for key in keys:
-        saved, wanted = state[key], fresh[key]
-        if isinstance(saved, list):
-            state[key] = [t.to(wanted[0].dtype) for t in saved]
-        else:
-            state[key] = saved.to(wanted.dtype)
+    ``P``, saved in another ``apply_dtype`` or on another device) to the dtype the block's options give them
+    now on the block's device (:meth:`~.preconditioners.Preconditioner.cache_dtype`)."""
+    param = plan.key
+    wanted = plan.family.cache_dtype(plan.group, storage_dtype(plan.group, param), param.device)
+    for key in plan.family.cache_keys:
+        if key in state:
+            saved = state[key]
+            state[key] = [t.to(wanted) for t in saved] if isinstance(saved, list) else saved.to(wanted)
 
 
 def _tensors(value: Any) -> list[Tensor]:

@@ -80,6 +80,12 @@ class Preconditioner(ABC):
         """Fresh state for a block of ``shape`` with ``Q = I``; ``options`` is the param group."""
 
     @classmethod
+    def cache_dtype(cls, options: Mapping[str, Any], storage: torch.dtype, device: torch.device) -> torch.dtype:
+        """The dtype of the :attr:`cache_keys` for a block stored in ``storage`` on ``device``: the storage
+        dtype unless the family's options say otherwise."""
+        return storage
+
+    @classmethod
     @abstractmethod
     def set_scale(cls, state: dict[str, Any], scale: Tensor) -> None:
         """Reset ``Q`` to ``scale * I`` (so ``P = scale^2 I``)."""

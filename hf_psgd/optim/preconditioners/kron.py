@@ -9,8 +9,8 @@ first by less (a conv weight ``(out, in, h, w)`` becomes ``(out in h, w)``). Dim
 diagonal one. Scalars and (with ``max_skew <= 1``) vectors are diagonal. The factors' sizes are the
 shape the state works in: a state keeps the factor shapes it was made with. ``P = Q^T Q`` acts on a
 gradient ``G`` as ``P_0 G P_1 ...`` with ``P_i = Q_i^T Q_i``, cached after every fit in ``apply_dtype``
-(default: bfloat16 over float32 factors; the fits stay in float32), in which preconditioning then
-runs: one product per dense factor, and
+(default: bfloat16 over float32 factors where the device has native bf16 products, float32 elsewhere;
+the fits stay in float32), in which preconditioning then runs: one product per dense factor, and
 the diagonal factors fused into the one pass that casts (and stacks) the blocks' inputs. Blocks of equal
 shape and factor shapes go through one batched product per dim; a large block that needs no copy (no
 cast, no diagonal factor) goes alone, as a view, since stacking would cost a pass over its memory.
@@ -51,6 +51,7 @@ before the next fit the stored factors change form, ``P`` unchanged (:meth:`Kron
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,13 +118,33 @@ def _state_shape(state: Mapping[str, Any]) -> torch.Size:
     return torch.Size(p.shape[0] for p in state["P"])
 
 
-def apply_dtype(options: Mapping[str, Any], storage: torch.dtype) -> torch.dtype:
+@functools.cache
+def _fast_bf16_products(device_type: str, index: int | None) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability(index) >= (8, 0)
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 GEMM either
+            return False
+    return False
+
+
+def fast_bf16_products(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native on ``device``: a CUDA device of compute capability 8 or
+    more (bf16 tensor cores), or a CPU whose oneDNN takes bf16 GEMMs (AVX-512, or ARM's bf16 extension).
+    Elsewhere torch runs them on a reference kernel: on an AVX2-only CPU about 40x slower than fp32."""
+    return _fast_bf16_products(device.type, device.index)
+
+
+def apply_dtype(options: Mapping[str, Any], storage: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of the cached ``P`` and of preconditioning: ``apply_dtype``; if ``None``, bfloat16 over
-    float32 storage, else the storage dtype (float64 stays float64)."""
+    float32 storage where bf16 products are native (:func:`fast_bf16_products`), else the storage dtype
+    (float64 stays float64)."""
     name = dtype_name(options["apply_dtype"], "apply_dtype")
     if name is not None:
         return DTYPES[name]
-    return torch.bfloat16 if storage == torch.float32 else storage
+    return torch.bfloat16 if storage == torch.float32 and fast_bf16_products(device) else storage
 
 
 def _cache_of(q: Tensor, batch: int = 0) -> Tensor:
@@ -169,8 +190,9 @@ class KronOptions(FamilyOptions):
     ``merge_dims``) gets a dense factor if ``1 < n <= max_dense_size`` and ``n^2 <= max_skew N`` or (on a
     tensor of two or more dims) ``n <= always_dense_size``, else a diagonal one; ``fit``: the geometry
     of the fit (module docstring); ``apply_dtype``: the dtype of the cached ``P`` and of
-    preconditioning (``None``: bfloat16 over float32 storage, the storage dtype otherwise: bf16
-    products on fp32 factors, the fits staying in fp32; ``"float32"``: fp32 products); ``fit_dtype``: the
+    preconditioning (``None``: bfloat16 over float32 storage on a device with native bf16 products, the
+    storage dtype otherwise: bf16 products on fp32 factors, the fits staying in fp32; ``"float32"``: fp32
+    products); ``fit_dtype``: the
     dtype of the fit's products over the whole block (``A`` and its Grams, ``4 N n_i`` multiply-adds per
     dense factor; ``None``: the work dtype, float32), the factor algebra (``n_i^3``) staying in the work
     dtype."""
@@ -219,13 +241,17 @@ class Kron(Preconditioner):
                 factors.append(torch.eye(n, dtype=dtype, device=device))
             else:
                 factors.append(torch.ones(n, dtype=dtype, device=device))
-        cache = apply_dtype(options, dtype)
+        cache = cls.cache_dtype(options, dtype, device)
         return {
             "Q": factors,
             "P": [f.to(cache, copy=True) for f in factors],
             "lipschitz": torch.zeros(len(factors), dtype=work_dtype(dtype), device=device),
             "stores_p": options["fit"] == "pro4p",
         }
+
+    @classmethod
+    def cache_dtype(cls, options: Mapping[str, Any], storage: torch.dtype, device: torch.device) -> torch.dtype:
+        return apply_dtype(options, storage, device)
 
     @classmethod
     def cost(cls, shape: torch.Size, options: Mapping[str, Any]) -> tuple[float, float]:
