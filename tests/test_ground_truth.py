@@ -151,6 +151,7 @@ def test_rosenbrock_hvp_reaches_1e_10_without_line_search(route: str, fit: str) 
         lipschitz_beta=0.0,
         precond_update_prob=1.0,
         max_update_rms=None,
+        max_update_growth=None,
         max_skew=math.inf,
         fit=fit,
     )

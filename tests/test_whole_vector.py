@@ -246,6 +246,7 @@ def test_secant_pairs_alone_fit_the_inverse_hessian_of_a_quadratic(preconditione
             lipschitz_beta=0.0,
             precond_update_prob=1e-9,
             max_update_rms=None,
+            max_update_growth=None,
             max_skew=math.inf,
             secant_pairs=secant,
         )
@@ -274,6 +275,7 @@ def test_secant_pairs_bring_dense_to_the_rosenbrock_target() -> None:
             lipschitz_beta=0.0,
             precond_update_prob=1.0,
             max_update_rms=None,
+            max_update_growth=None,
             secant_pairs=secant,
         )
         for iterations[secant] in range(1, 51):

@@ -45,7 +45,8 @@ class BlockPlan:
         indices into the group's parameters, so that freezing one keeps the block); on the block's
         owner also the family's
         state (``Q = I``, or ``precond_init_scale I``; else the scale is pending, see
-        :mod:`.fitting`), the momentum, the fit counters and the gradient energy of Adam's floor."""
+        :mod:`.fitting`), the momentum, the fit counters, the gradient energy of Adam's floor and the update
+        RMS history of the growth cap."""
         group, first = self.group, self.key
         skipped = torch.zeros((), dtype=torch.int64, device=first.device)  # counted on the device
         state = dict(step=0, skipped_steps=skipped, update_credit=1.0 - update_probability(self.schedule, 0))
@@ -60,6 +61,7 @@ class BlockPlan:
         state["precond_updates"] = 0
         state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=first.device)
         state["grad_energy"] = torch.zeros(2, dtype=torch.float32, device=first.device)  # .update.adam_floors
+        state["update_rms"] = torch.zeros(2, dtype=torch.float32, device=first.device)  # .update.guard_scales
         state["scale_pending"] = group["precond_init_scale"] is None
         if group["precond_init_scale"] is not None:
             self.family.set_scale(state, torch.tensor(float(group["precond_init_scale"]), device=first.device))

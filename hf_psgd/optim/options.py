@@ -115,6 +115,13 @@ def _validate_shell_options(group: dict[str, Any]) -> None:
     check("precond_init_scale", scale, scale is None or (num(scale) and scale > 0), "None or a finite number > 0")
     rms = group["max_update_rms"]
     check("max_update_rms", rms, rms is None or (num(rms) and rms > 0), "None (no guard) or a finite number > 0")
+    growth = group["max_update_growth"]
+    check(
+        "max_update_growth",
+        growth,
+        growth is None or (num(growth) and growth >= 1),
+        "None (no cap) or a finite number >= 1",
+    )
     floor = group["adam_floor"]
     check("adam_floor", floor, floor is None or (num(floor) and floor >= 0), "None (no floor) or a finite number >= 0")
     damping = group["damping"]

@@ -8,7 +8,7 @@ One step, for every block (a tensor, or a whole param group for the whole-vector
    ``(v, h)`` from the group's curvature source (:mod:`.curvature`, :mod:`.fitting`); with
    ``secant_pairs`` also, every step, on the last step's secant pair (:mod:`.secant`).
 3. ``u = P m``; the update-size guard scales ``u`` to an RMS between Adam's for ``m`` (with whitening,
-   ``adam_floor``) and ``max_update_rms`` (:mod:`.update`).
+   ``adam_floor``), ``max_update_rms`` and ``max_update_growth`` (:mod:`.update`).
 4. ``theta <- theta (1 - lr weight_decay) - lr u`` (decoupled weight decay).
 
 A non-finite gradient or ``H v`` anywhere masks the step on every process, decided on the device
@@ -68,6 +68,10 @@ class PSGD(Optimizer):
         precond_update_prob: a constant probability or a schedule dict (:mod:`.schedules`).
         precond_init_scale: initial ``Q = scale I``; ``None`` sets it from the first pair (:mod:`.fitting`).
         max_update_rms: guard: ``P m`` scaled down to this RMS per block; ``None`` disables it.
+        max_update_growth: with ``curvature="hvp"`` or ``"fd"``, ``P m`` scaled down, where larger, to this
+            multiple of the running RMS (EMA, beta 0.9) of the block's earlier guarded updates: Newton-type
+            steps grow without bound where the curvature vanishes (``P ~ |H|^-1``), and one gradient spike
+            there then moves the parameters far (:func:`~.update.guard_scales`). ``None``: no growth cap.
         adam_floor: with ``curvature="whiten"``, ``P m`` scaled up, where smaller, to ``adam_floor``
             times the RMS of Adam's step for ``m`` with one second moment per block
             (:func:`~.update.adam_floors`): whitening takes far smaller steps than Adam where gradients
@@ -109,6 +113,7 @@ class PSGD(Optimizer):
         precond_update_prob: Schedule = DEFAULT_UPDATE_SCHEDULE,
         precond_init_scale: float | None = None,
         max_update_rms: float | None = 1.1,
+        max_update_growth: float | None = 2.0,
         adam_floor: float | None = 0.5,
         damping: float = 1e-9,
         whiten_momentum: bool = False,
@@ -290,7 +295,14 @@ class PSGD(Optimizer):
         self._fit(owned, gradients, directions, products, keep)
         updates = self._precondition([plan for plan, _ in owned], directions)
         floors = self._adam_floors(owned, gradients, directions, keep, grad_norms)
-        scales = guard_scales(list(updates.values()), [plan.group["max_update_rms"] for plan, _ in owned], keep, floors)
+        growth = [
+            (self.state[plan.key]["update_rms"], plan.group["max_update_growth"])
+            if plan.group["max_update_growth"] and plan.group["curvature"] != "whiten"
+            else None
+            for plan, _ in owned
+        ]
+        max_rms = [plan.group["max_update_rms"] for plan, _ in owned]
+        scales = guard_scales(list(updates.values()), max_rms, keep, floors, growth)
         return updates, dict(zip(updates, scales))
 
     def _adam_floors(

@@ -1,5 +1,5 @@
-"""The parameter update: the non-finite check, the update-size guard (with Adam's floor) and the
-decoupled weight-decay step.
+"""The parameter update: the non-finite check, the update-size guard (with Adam's floor and, for
+Newton-type steps, the growth cap) and the decoupled weight-decay step.
 
 Plain functions over lists of tensors, as ``torch.optim.adamw``'s functional core: the shell
 gathers the blocks' updates ``u = P m`` and calls them once per step. None of them synchronises with
@@ -15,10 +15,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ADAM_BETA2", "adam_floors", "all_finite", "apply_updates_", "guard_scales", "tensor_norms"]
+__all__ = [
+    "ADAM_BETA2",
+    "UPDATE_RMS_BETA",
+    "adam_floors",
+    "all_finite",
+    "apply_updates_",
+    "guard_scales",
+    "tensor_norms",
+]
 
 #: EMA factor of the mean squared gradient behind :func:`adam_floors` (Adam's default ``beta2``)
 ADAM_BETA2 = 0.999
+#: EMA factor of a block's update RMS behind the growth cap of :func:`guard_scales`
+UPDATE_RMS_BETA = 0.9
 
 
 def all_finite(norms: Sequence[Tensor]) -> Tensor:
@@ -70,13 +80,23 @@ def adam_floors(
 
 
 def guard_scales(
-    updates: Sequence[Tensor], max_rms: Sequence[float | None], keep: Tensor, floors: Sequence[Tensor | None] = ()
+    updates: Sequence[Tensor],
+    max_rms: Sequence[float | None],
+    keep: Tensor,
+    floors: Sequence[Tensor | None] = (),
+    growth: Sequence[tuple[Tensor, float] | None] = (),
 ) -> list[Tensor]:
-    """The guard's factor of every ``u``: its RMS moved into ``[floor, max_rms]`` (``floors``: the lowest
-    RMS, ``adam_floor`` times :func:`adam_floors`', or ``None``; ``max_rms`` ``None``: no cap; the cap
-    wins), zero where
-    ``keep`` is false; 0-dim tensors on the updates' device. One ``_foreach_norm`` per dtype (in at
-    least float32); applied with the parameter update (:func:`apply_updates_`)."""
+    """The guard's factor of every ``u``: its RMS moved into ``[floor, cap]`` (``floors``: the lowest RMS,
+    ``adam_floor`` times :func:`adam_floors`', or ``None``; the cap wins), zero where ``keep`` is false; 0-dim
+    tensors on the updates' device. The cap is the smaller of ``max_rms`` (``None``: none) and, where ``growth``
+    gives a block's ``(history, factor)``, ``factor`` times the EMA (:data:`UPDATE_RMS_BETA`) of the block's
+    earlier guarded update RMS: ``history`` is ``(EMA, started)``, started at the first nonzero guarded RMS
+    and moved in place by each nonzero one where ``keep`` is true (no cap before the first; a zero update, e.g.
+    LoRA's first steps, neither starts nor lowers it, so it never pins a block at zero). Newton-type updates
+    (``P ~ |H|^-1``) grow without bound where the curvature vanishes, so one gradient spike there moves
+    the parameters far; the growth cap lets a step at most ``factor`` times the recent ones. One
+    ``_foreach_norm`` per dtype (in at least float32); applied with the parameter update
+    (:func:`apply_updates_`). No host synchronisation."""
     if not updates:
         return []
     limits = [math.inf if rms is None else rms * math.sqrt(u.numel()) for rms, u in zip(max_rms, updates)]
@@ -86,9 +106,21 @@ def guard_scales(
     zero = torch.zeros((), dtype=torch.float64, device=device)
     floors = floors or [None] * len(updates)
     lows = [zero if f is None else f.to(device, torch.float64) * math.sqrt(u.numel()) for f, u in zip(floors, updates)]
-    targets = torch.minimum(
-        torch.maximum(norms, torch.stack(lows)), torch.tensor(limits, dtype=torch.float64, device=device)
-    )
+    caps = torch.tensor(limits, dtype=torch.float64, device=device)
+    grown = [i for i, g in enumerate(growth) if g is not None]
+    if grown:
+        histories = torch.stack([growth[i][0].to(device, torch.float64) for i in grown])
+        sizes = torch.tensor([math.sqrt(updates[i].numel()) for i in grown], dtype=torch.float64, device=device)
+        factors = torch.tensor([growth[i][1] for i in grown], dtype=torch.float64, device=device)
+        growth_caps = torch.where(histories[:, 1] > 0, factors * histories[:, 0] * sizes, math.inf)
+        caps = caps.index_put((torch.tensor(grown, device=device),), torch.minimum(caps[grown], growth_caps))
+    targets = torch.minimum(torch.maximum(norms, torch.stack(lows)), caps)
+    if grown:
+        rms = targets[grown] / sizes
+        target = torch.stack([rms, torch.ones_like(rms)], dim=1)
+        started = torch.where(histories[:, 1:] > 0, torch.lerp(histories, target, 1 - UPDATE_RMS_BETA), target)
+        moved = torch.where((keep.to(device) & (rms > 0))[:, None], started, histories)
+        torch._foreach_copy_([growth[i][0] for i in grown], [m.to(growth[i][0].dtype) for i, m in zip(grown, moved)])
     scales = targets / norms.clamp_min(1e-30) * keep.to(device)
     return [scale.to(update.device) for update, scale in zip(updates, scales.unbind())]
 

@@ -1,0 +1,99 @@
+"""The growth cap of Newton-type updates (``max_update_growth``): with exact ``H v`` (or finite differences),
+``P ~ |H|^-1`` grows where the curvature vanishes, and one gradient spike there must not move the parameters
+far; whitening is left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hf_psgd import PSGD
+
+CURVATURE = 1e-2  # a flat quadratic: P tends to 1 / CURVATURE
+
+
+def _step_sizes(growth: float | None, spike_at: int = 30, spike: float = 1e3, steps: int = 34) -> list[float]:
+    """RMS of each step's parameter change on ``0.5 c |x|^2 + s_t b.x`` with exact ``H v``, ``s_t`` 1, and
+    ``spike`` at step ``spike_at``."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(8, 6, generator=generator))
+    b = torch.randn(8, 6, generator=generator) * 1e-2
+    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0, max_update_rms=None, max_update_growth=growth)
+    sizes = []
+    for step in range(steps):
+        scale = spike if step == spike_at else 1.0
+
+        def closure(scale: float = scale) -> torch.Tensor:
+            return 0.5 * CURVATURE * x.square().sum() + scale * (b * x).sum()
+
+        before = x.detach().clone()
+        opt.step(closure)
+        sizes.append((x.detach() - before).square().mean().sqrt().item())
+    return sizes
+
+
+def test_a_gradient_spike_moves_a_newton_step_at_most_the_growth_factor_times_the_recent_ones() -> None:
+    capped, free = _step_sizes(2.0), _step_sizes(None)
+    assert capped[:30] == free[:30]  # steady steps: the cap never acts
+    assert free[30] > 50 * max(free[:30])  # without the cap the spike's step is far larger than any before
+    # with it, at most twice the running RMS of the earlier steps, so at most twice the largest of them
+    assert all(size <= 2.0 * max(capped[:step]) * 1.0001 for step, size in enumerate(capped[30:], start=30))
+    assert capped[30] < free[30] / 20
+
+
+def test_the_growth_cap_leaves_whitening_alone() -> None:
+    generator = torch.Generator().manual_seed(1)
+    gradients = [torch.randn(6, 5, generator=generator) * (1e3 if i == 4 else 1.0) for i in range(8)]
+    x, y = torch.nn.Parameter(torch.zeros(6, 5)), torch.nn.Parameter(torch.zeros(6, 5))
+    capped, free = PSGD([x], lr=0.1, max_update_growth=2.0), PSGD([y], lr=0.1, max_update_growth=None)
+    for g in gradients:
+        x.grad, y.grad = g.clone(), g.clone()
+        capped.step(), free.step()
+    assert torch.equal(x, y)
+    assert torch.equal(capped.state[x]["update_rms"], torch.zeros(2))
+
+
+def test_a_state_without_the_update_history_resumes_as_a_new_one() -> None:
+    """A checkpoint saved before the growth cap (no ``update_rms``) loads; its history starts from zero."""
+    x = torch.nn.Parameter(torch.randn(4, 3))
+
+    def closure() -> torch.Tensor:
+        return 0.5 * x.square().sum()
+
+    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0)
+    for _ in range(3):
+        opt.step(closure)
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["state"][0]["update_rms"]
+    resumed = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.state[x]["update_rms"], torch.zeros(2))
+    resumed.step(closure)
+    history = resumed.state[x]["update_rms"]
+    assert history[1].item() == 1.0 and history[0].item() > 0
+
+
+def test_zero_updates_do_not_pin_a_block_at_zero() -> None:
+    """A block whose first updates are zero (no gradient yet, as LoRA's ``A`` before ``B`` moves) is not capped
+    at zero afterwards: its history starts at its first nonzero step."""
+    x = torch.nn.Parameter(torch.zeros(4, 3))
+    b = torch.full((4, 3), 1e-2)
+    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0)
+    for step in range(6):
+        scale = 0.0 if step < 3 else 1.0
+
+        def closure(scale: float = scale) -> torch.Tensor:
+            return 0.5 * CURVATURE * x.square().sum() + scale * (b * x).sum()
+
+        opt.step(closure)
+        if step < 3:
+            assert torch.equal(x, torch.zeros(4, 3)) and opt.state[x]["update_rms"][1].item() == 0.0
+    assert x.detach().abs().min().item() > 0 and opt.state[x]["update_rms"][0].item() > 0
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, float("nan"), float("inf"), "2", True])
+def test_bad_max_update_growth_is_named(value: object) -> None:
+    with pytest.raises(ValueError, match="max_update_growth=.* is invalid"):
+        PSGD([torch.nn.Parameter(torch.zeros(2))], max_update_growth=value)
