@@ -97,3 +97,22 @@ def test_zero_updates_do_not_pin_a_block_at_zero() -> None:
 def test_bad_max_update_growth_is_named(value: object) -> None:
     with pytest.raises(ValueError, match="max_update_growth=.* is invalid"):
         PSGD([torch.nn.Parameter(torch.zeros(2))], max_update_growth=value)
+
+
+def test_after_convergence_a_moved_optimum_is_reached_again() -> None:
+    """Converged steps are tiny; when the objective's optimum jumps, capped steps grow back geometrically (about
+    1.1x per step at the default) instead of jumping: slower than uncapped Newton, but never frozen."""
+    target = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.Parameter(torch.zeros(8, 6))
+    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0, max_update_rms=None)
+    distances = []
+    for step in range(300):
+        optimum = target if step < 150 else -target
+
+        def closure(optimum: torch.Tensor = optimum) -> torch.Tensor:
+            return 0.5 * CURVATURE * (x - optimum).square().sum()
+
+        opt.step(closure)
+        distances.append((x.detach() - optimum).square().mean().sqrt().item())
+    assert distances[149] < 1e-3 < 1.0 < distances[150]  # converged, then the optimum moved by 2 |target|
+    assert distances[-1] < 0.02 * distances[150]

@@ -113,7 +113,7 @@ def guard_scales(
         sizes = torch.tensor([math.sqrt(updates[i].numel()) for i in grown], dtype=torch.float64, device=device)
         factors = torch.tensor([growth[i][1] for i in grown], dtype=torch.float64, device=device)
         growth_caps = torch.where(histories[:, 1] > 0, factors * histories[:, 0] * sizes, math.inf)
-        caps = caps.index_put((torch.tensor(grown, device=device),), torch.minimum(caps[grown], growth_caps))
+        caps[grown] = torch.minimum(caps[grown], growth_caps)
     targets = torch.minimum(torch.maximum(norms, torch.stack(lows)), caps)
     if grown:
         rms = targets[grown] / sizes
