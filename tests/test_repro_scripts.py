@@ -98,6 +98,23 @@ def test_quality_suite_exact_hvp_twins_share_their_baselines(monkeypatch, tmp_pa
     assert twin_psgd.task == "digits-lenet-hvp" and twin_psgd.key() != base_psgd.key()
 
 
+def test_quality_cache_keeps_runs_of_invocations_sharing_a_task(monkeypatch, tmp_path: Path) -> None:
+    """Two invocations on one task (two ablations on two cores) each write after every run: neither drops the
+    other's runs, and a record read before the other's write is still found after this one's."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    cache = importlib.import_module("quality.cache")
+    first, second = cache.ResultCache(tmp_path), cache.ResultCache(tmp_path)
+    runs = [cache.RunId("digits-lenet", "f", "psgd", label, "v", 0.01, 0) for label in ("a", "b", "c")]
+    assert first.get(runs[0]) is None and second.get(runs[1]) is None  # both read the (empty) task first
+    first.put(runs[0], {"eval_loss": 1.0})
+    second.put(runs[1], {"eval_loss": 2.0})
+    first.put(runs[2], {"eval_loss": 3.0})
+    on_disk = cache.ResultCache(tmp_path)
+    assert [on_disk.get(run)["eval_loss"] for run in runs] == [1.0, 2.0, 3.0]
+    assert second.get(runs[0])["eval_loss"] == 1.0 and first.get(runs[1])["eval_loss"] == 2.0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["digits-lenet.json", "digits-lenet.json.lock"]
+
+
 def test_gpu_benchmark_smoke_run_on_the_cpu(tmp_path: Path) -> None:
     """``scripts/bench_gpu.py`` runs end to end (here on the CPU, a tiny model, hf_psgd and AdamW rows
     only) and writes its table with the derived default-schedule row."""
