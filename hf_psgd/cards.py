@@ -25,6 +25,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .integrations.arguments import is_psgd_optimizer_name, psgd_optimizer_kwargs
 from .optim import PSGD
+from .optim.options import validate_group
 from .optim.schedules import validate_schedule
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def _optimizer_rows(recipe: Recipe) -> tuple[str, list[tuple[str, str]]]:
     if is_psgd_optimizer_name(optimizer):
         options = psgd_optimizer_kwargs(optimizer, args.optim_args, args.learning_rate)
         settings = {**_PSGD_DEFAULTS, **options}
+        validate_group(settings)  # resolves the curvature's defaults (lr, precond_lr, damping)
         rows += [
             ("preconditioner family", f"`{settings['preconditioner']}`"),
             ("curvature", f"`{settings['curvature']}`"),

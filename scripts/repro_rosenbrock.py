@@ -118,6 +118,7 @@ def run_ours(settings: dict[str, Any], start: Tensor, seed: int, max_iters: int)
         lipschitz_beta=0.0,
         max_update_rms=None,
         max_update_growth=None,
+        damping=1e-9,
         max_skew=math.inf,
         seed=seed,
         **settings,
@@ -346,8 +347,8 @@ def main() -> None:
         f"iterations: median over {args.seeds} probe seeds on 2-D and {min(args.seeds, 3)} on 100-D "
         "(min-max and how many reached the target in brackets); AdamW and LBFGS are deterministic (one run)",
         "hf_psgd: curvature='hvp' via step(closure), precond_update_prob=1, lipschitz_beta=0, "
-        "max_update_rms=None, max_update_growth=None, max_skew=inf; rank=10 for lra (2 on 2-D: min(rank, n)); "
-        "'+ secant': "
+        "max_update_rms=None, max_update_growth=None, damping=1e-9, max_skew=inf; rank=10 for lra (2 on 2-D: "
+        "min(rank, n)); '+ secant': "
         "secant_pairs=True (also fit on the last step's (theta change, gradient change) pair, at no extra cost)",
         "100-D: the chained function also has a local minimum near (-1, 1, ..., 1) with f ~ 3.99, where some runs "
         "end (e.g. hf_psgd dense with probe seed 1)",

@@ -11,17 +11,25 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_psgd import PSGD
+from hf_psgd.optim.options import validate_group
 from hf_psgd.optim.preconditioners import get_preconditioner
 
 #: (260, 260): larger than BATCHED_NUMEL_LIMIT, preconditioned alone where it needs no copy
 SHAPES = [(8,), (8,), (8, 6), (8, 6), (8, 6), (12, 8), (16, 6, 5, 5), (16, 6, 5, 5), (5,), (), (260, 260), (260, 260)]
 
 
+def _group(options: dict) -> dict:
+    """PSGD's defaults with ``precond_lr`` 0.5 and ``options``, resolved as a param group is (``None`` values:
+    the curvature's defaults)."""
+    group = {**{name: default for name, (default, _) in PSGD.option_specs().items()}, "precond_lr": 0.5, **options}
+    validate_group(group)
+    return group
+
+
 def _states(family: str, options: dict, dtype: torch.dtype = torch.float32) -> tuple[list[dict], list[torch.Tensor]]:
     """A block of every shape in ``SHAPES`` with its own fitted (random) preconditioner and gradient."""
     kind = get_preconditioner(family)
-    defaults = {name: default for name, (default, _) in PSGD.option_specs().items()}
-    group = {**defaults, "precond_lr": 0.5, **options}
+    group = _group(options)
     states, gradients = [], []
     generator = torch.Generator().manual_seed(0)
     for shape in SHAPES:
@@ -129,7 +137,7 @@ def test_batched_fits_equal_one_block_at_a_time(family: str, options: dict, dtyp
     alone (within the rounding of batched products), a rejected block (non-finite ``h``, or not accepted)
     keeps its state bit for bit and does not stop the others of its stack."""
     kind = get_preconditioner(family)
-    group = {**{name: default for name, (default, _) in PSGD.option_specs().items()}, "precond_lr": 0.5, **options}
+    group = _group(options)
     together, _ = _states(family, options, dtype)
     alone, _ = _states(family, options, dtype)
     before, _ = _states(family, options, dtype)

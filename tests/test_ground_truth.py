@@ -13,8 +13,9 @@ from hf_psgd.optim.preconditioners.kron import Kron
 
 
 def _fit_only(param: torch.nn.Parameter, **options) -> PSGD:
-    """A PSGD that only fits its preconditioner (lr 0, no momentum) every step."""
-    return PSGD([param], lr=0.0, momentum=0.0, precond_update_prob=1.0, **options)
+    """A PSGD that only fits its preconditioner (lr 0, no momentum) every step, next to no damping unless
+    given (exact ``H v`` then fits ``|H|^{-1}``; the ``hvp`` default 1e-2 would fit ``|H + 0.01 I|^{-1}``)."""
+    return PSGD([param], lr=0.0, momentum=0.0, precond_update_prob=1.0, **{"damping": 1e-9, **options})
 
 
 def _kron_preconditioner(opt: PSGD, param: torch.Tensor) -> torch.Tensor:

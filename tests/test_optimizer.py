@@ -9,6 +9,7 @@ import torch
 from helpers import rosenbrock
 
 from hf_psgd import PSGD
+from hf_psgd.optim import CURVATURE_DEFAULTS
 from hf_psgd.optim.preconditioners import kron
 from hf_psgd.optim.schedules import DEFAULT_UPDATE_SCHEDULE, update_probability
 
@@ -287,3 +288,21 @@ def test_learning_rate_none_resolves_per_group_curvature_at_construction() -> No
     assert PSGD([a], lr=0.02, curvature="hvp").param_groups[0]["lr"] == 0.02
     with pytest.raises(ValueError, match=r"lr=-1.0 is invalid: expected None \(the curvature's default\)"):
         PSGD([a], lr=-1.0)
+
+
+def test_fit_step_and_damping_none_resolve_per_group_curvature_at_construction() -> None:
+    """``precond_lr`` and ``damping`` default per curvature like ``lr`` (whitening fits faster and undamped,
+    Newton-type fits slower and damped); explicit values win; a loaded group keeps what it was saved with."""
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    groups = [{"params": [a]}, {"params": [b], "curvature": "hvp"}, {"params": [c], "curvature": "fd", "damping": 0.0}]
+    opt = PSGD(groups, precond_lr=None)
+    assert [(g["precond_lr"], g["damping"]) for g in opt.param_groups] == [(0.2, 1e-9), (0.1, 0.01), (0.1, 0.0)]
+    assert CURVATURE_DEFAULTS["hvp"]["damping"] == opt.param_groups[1]["damping"]
+    assert PSGD([a], precond_lr=0.05, curvature="hvp").param_groups[0]["precond_lr"] == 0.05
+    saved = opt.state_dict()
+    saved["param_groups"][0]["precond_lr"] = 0.1  # a checkpoint of 0.3, whose default was 0.1 everywhere
+    restored = PSGD(groups)
+    restored.load_state_dict(saved)
+    assert restored.param_groups[0]["precond_lr"] == 0.1
+    with pytest.raises(ValueError, match=r"damping=-1.0 is invalid: expected None \(the curvature's default\)"):
+        PSGD([a], damping=-1.0)

@@ -103,6 +103,8 @@ def test_offline_recipe_trains_and_writes_card_and_plot(tmp_path: Path, recipe: 
     assert f"| preconditioner family | `{family}` |" in card.text
     schedule = "1 for 200 steps, then exp(-0.003 (t - 200)), at least 0.03"
     assert f"| preconditioner update probability | {schedule} |" in card.text
+    fit_step = "0.1" if recipe == "sft_lora.yaml" else "0.2"  # the curvature's default: hvp there, whitening here
+    assert f"| preconditioner fit step (precond_lr) | {fit_step} |" in card.text
     history = json.loads((output / "loss_history.json").read_text())
     metrics, untrained = history["metrics"], history["records"][0]
     assert metrics["processes"] == 1 and untrained["step"] == 0

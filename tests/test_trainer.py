@@ -96,7 +96,7 @@ def test_builtin_names_keep_working(tmp_path: Path) -> None:
         ("psgd_kron", "precond_lr=fast", "precond_lr='fast' is invalid"),
         ("psgd_kron", "betas=0.9", "unknown key 'betas'"),
         ("psgd_kron", "lr=0.1", "'lr' is set by TrainingArguments.learning_rate"),
-        ("psgd_kron", "precond_lr=2", "precond_lr=2.0 is invalid: expected a number in (0, 1]"),
+        ("psgd_kron", "precond_lr=2", "precond_lr=2.0 is invalid: expected None (the curvature's default) or a number"),
         ("psgd_kron", "precond_update_prob=flat:9", "precond_update_prob has unknown keys ['flat']"),
         ("psgd_kron", "precond_update_prob=decay:x", "precond_update_prob='decay:x' is invalid"),
         ("psgd_kron", "precond_update_prob=decay", "precond_update_prob='decay' is invalid"),

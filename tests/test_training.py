@@ -13,8 +13,9 @@ STEPS = 60
 LEARNING_RATES = {"whiten": 1e-2, "hvp": 0.3, "fd": 0.3}
 #: Required ratio of the last to the first losses. Dense fits one n x n triangular Q (n = 3,920 here)
 #: from one probe per step: in 60 steps it has barely left its initial scale, so it only has to
-#: train; tests/test_whole_vector.py checks what it fits.
-LOSS_RATIO = {"dense": 0.98}
+#: train; tests/test_whole_vector.py checks what it fits. XMat (one diagonal plus anti-diagonal over the
+#: whole model) is the slowest of the rest: 0.750 of its first loss with hvp / fd (0.7497 undamped).
+LOSS_RATIO = {"dense": 0.98, "xmat": 0.8}
 
 
 def _train(preconditioner: str, curvature: str, dtype: torch.dtype = torch.float32, **options) -> tuple[float, float]:

@@ -13,8 +13,9 @@ from hf_psgd import PSGD
 from hf_psgd.optim.preconditioners import LRA, Dense, Diag, XMat, get_preconditioner
 
 F64 = torch.float64
-#: Exact, noise-free H v: no smoothing of the step normaliser; fits every step.
-FIT_OPTIONS = {"precond_lr": 0.3, "lipschitz_beta": 0.0, "precond_update_prob": 1.0}
+#: Exact, noise-free H v: no smoothing of the step normaliser; fits every step; next to no damping (the
+#: ``hvp`` default 1e-2 would fit ``|H + 0.01 I|^{-1}``, tested on its own below).
+FIT_OPTIONS = {"precond_lr": 0.3, "lipschitz_beta": 0.0, "precond_update_prob": 1.0, "damping": 1e-9}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -33,7 +34,8 @@ def _preconditioner_matrix(opt: PSGD, group_index: int = 0) -> torch.Tensor:
 def _fit_on_quadratic(h: torch.Tensor, preconditioner: str, schedule: list[tuple[int, float]], **options) -> PSGD:
     """Fit only (lr 0) on ``1/2 x^T H x`` with exact ``H v``; ``schedule``: (steps, precond_lr) phases."""
     x = torch.nn.Parameter(torch.randn(h.shape[0], dtype=F64, generator=_gen(5)))
-    opt = PSGD([x], lr=0.0, momentum=0.0, preconditioner=preconditioner, curvature="hvp", **FIT_OPTIONS, **options)
+    options = {**FIT_OPTIONS, **options}
+    opt = PSGD([x], lr=0.0, momentum=0.0, preconditioner=preconditioner, curvature="hvp", **options)
     for steps, precond_lr in schedule:
         opt.param_groups[0]["precond_lr"] = precond_lr
         for _ in range(steps):
@@ -163,6 +165,17 @@ def test_dense_hvp_fits_inverse_abs_hessian(indefinite: bool) -> None:
     assert error < (0.08 if indefinite else 1e-3)
 
 
+def test_hvp_default_damping_fits_the_inverse_of_the_damped_hessian() -> None:
+    """With ``curvature="hvp"`` and ``damping=None`` the fitted pairs are ``(v, H v + 0.01 v)``:
+    ``P -> (H + 0.01 I)^{-1}``, which bounds ``P`` by 100 where ``H`` has eigenvalues far below 0.01."""
+    h = random_symmetric(6, 0.002, 0.1, seed=2)
+    opt = _fit_on_quadratic(h, "dense", ANNEALED, damping=None)
+    assert opt.param_groups[0]["damping"] == 0.01
+    fitted = _preconditioner_matrix(opt)
+    assert relative_identity_error(fitted @ (h + 0.01 * torch.eye(6, dtype=F64))) < 1e-3
+    assert relative_identity_error(fitted @ h) > 0.3
+
+
 def _outlier_hessian(n: int, outliers: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """``H = I + B diag(outliers) B^T`` with orthonormal ``B`` (``n x k``); returns ``(H, B)``."""
     basis, _ = torch.linalg.qr(torch.randn(n, len(outliers), dtype=F64, generator=_gen(0)))
@@ -247,6 +260,7 @@ def test_secant_pairs_alone_fit_the_inverse_hessian_of_a_quadratic(preconditione
             precond_update_prob=1e-9,
             max_update_rms=None,
             max_update_growth=None,
+            damping=1e-9,
             max_skew=math.inf,
             secant_pairs=secant,
         )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..optim import PRECONDITIONERS, PSGD, default_learning_rate
+from ..optim import CURVATURE_DEFAULTS, PRECONDITIONERS, PSGD, default_learning_rate
 
 __all__ = [
     "PSGDArgumentsMixin",
@@ -114,6 +114,9 @@ def optim_args_help() -> str:
             value = f"{default:g}" if isinstance(default, float) else str(default)
         kind = annotation.replace("torch.dtype | ", "").replace(" | None", "")
         kind = " (whiten or hvp)" if name == "curvature" else f" ({kind})" if default is None else ""
+        if name in CURVATURE_DEFAULTS["whiten"]:
+            values = ", ".join(f"{curvature} {defaults[name]:g}" for curvature, defaults in CURVATURE_DEFAULTS.items())
+            kind = f" (float; None: the curvature's, {values})"
         options.append(f"{name}={value}{kind}")
     return (
         "PSGD's options as key=value pairs joined by commas, e.g. 'curvature=hvp,precond_lr=0.2' (the update "

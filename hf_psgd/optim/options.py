@@ -19,6 +19,7 @@ from .schedules import validate_schedule
 from .validation import check, dtype_name, is_int, is_number, refuse_unknown
 
 __all__ = [
+    "CURVATURE_DEFAULTS",
     "DEFAULT_LEARNING_RATES",
     "check_param_group",
     "default_learning_rate",
@@ -28,9 +29,20 @@ __all__ = [
     "validate_group",
 ]
 
-#: ``lr=None`` resolves to these, per curvature. Whitening steps ``P m`` are RMS-normalised like Adam's, so
-#: Adam-sized rates suit them; ``hvp`` / ``fd`` steps are Newton-type (``P ~ |H|^-1``: parameter units).
-DEFAULT_LEARNING_RATES = {"whiten": 1e-3, "hvp": 0.3, "fd": 0.3}
+#: Options given as ``None`` resolve to these, per curvature, in each param group at construction. Whitening
+#: steps ``P m`` are RMS-normalised like Adam's, so Adam-sized rates suit them, and its fit follows a moving
+#: gradient covariance (``precond_lr`` 0.2); ``hvp`` / ``fd`` steps are Newton-type (``P ~ |H|^-1``:
+#: parameter units), fitted more slowly to a less noisy target, and damped (``P -> |H + damping I|^-1``) so
+#: that they stay bounded where the curvature vanishes (a classifier that has memorised its data). Chosen
+#: on the quality suite (``scripts/README.md``).
+CURVATURE_DEFAULTS: dict[str, dict[str, float]] = {
+    "whiten": {"lr": 1e-3, "precond_lr": 0.2, "damping": 1e-9},
+    "hvp": {"lr": 0.3, "precond_lr": 0.1, "damping": 1e-2},
+    "fd": {"lr": 0.3, "precond_lr": 0.1, "damping": 1e-2},
+}
+
+#: ``lr=None`` resolves to these (the ``lr`` column of :data:`CURVATURE_DEFAULTS`).
+DEFAULT_LEARNING_RATES = {curvature: defaults["lr"] for curvature, defaults in CURVATURE_DEFAULTS.items()}
 
 
 def default_learning_rate(curvature: str) -> float:
@@ -99,15 +111,16 @@ def _validate_shell_options(group: dict[str, Any]) -> None:
     num = is_number
     curvature = group["curvature"]
     check("curvature", curvature, curvature in CURVATURES, f"one of {list(CURVATURES)}")
-    if group["lr"] is None:
-        group["lr"] = default_learning_rate(curvature)
+    for name, value in CURVATURE_DEFAULTS[curvature].items():
+        if group[name] is None:
+            group[name] = value
     lr = group["lr"]
     check("lr", lr, num(lr) and lr >= 0, "None (the curvature's default) or a finite number >= 0")
     check("momentum", group["momentum"], num(group["momentum"]) and 0 <= group["momentum"] < 1, "a number in [0, 1)")
     wd = group["weight_decay"]
     check("weight_decay", wd, num(wd) and wd >= 0, "a finite number >= 0")
     mu = group["precond_lr"]
-    check("precond_lr", mu, num(mu) and 0 < mu <= 1, "a number in (0, 1]")
+    check("precond_lr", mu, num(mu) and 0 < mu <= 1, "None (the curvature's default) or a number in (0, 1]")
     beta = group["lipschitz_beta"]
     check("lipschitz_beta", beta, num(beta) and 0 <= beta < 1, "a number in [0, 1)")
     group["precond_update_prob"] = validate_schedule(group["precond_update_prob"])
@@ -125,7 +138,7 @@ def _validate_shell_options(group: dict[str, Any]) -> None:
     floor = group["adam_floor"]
     check("adam_floor", floor, floor is None or (num(floor) and floor >= 0), "None (no floor) or a finite number >= 0")
     damping = group["damping"]
-    check("damping", damping, num(damping) and damping >= 0, "a finite number >= 0")
+    check("damping", damping, num(damping) and damping >= 0, "None (the curvature's default) or a finite number >= 0")
     whiten_momentum = group["whiten_momentum"]
     check("whiten_momentum", whiten_momentum, isinstance(whiten_momentum, bool), "True or False")
     secant = group["secant_pairs"]

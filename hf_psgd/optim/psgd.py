@@ -55,7 +55,8 @@ class PSGD(Optimizer):
     Args:
         params: parameters or param groups.
         lr: learning rate of the parameter update; ``None``: the curvature's default
-            (:data:`~.options.DEFAULT_LEARNING_RATES`), resolved into each param group at construction.
+            (:data:`~.options.CURVATURE_DEFAULTS`, as for ``precond_lr`` and ``damping``), resolved into
+            each param group at construction.
         preconditioner: a family of :data:`hf_psgd.optim.PRECONDITIONERS`: ``"kron"`` (per tensor, one
             factor per dim), ``"diag"`` (elementwise), or one over the whole flattened param group:
             ``"lra"`` (diagonal plus low rank), ``"xmat"`` (diagonal plus anti-diagonal), ``"dense"``.
@@ -63,7 +64,8 @@ class PSGD(Optimizer):
             differences of gradients; needs ``step(closure)``).
         momentum: EMA factor of the gradient; the momentum is what gets preconditioned.
         weight_decay: decoupled weight decay (``theta *= 1 - lr * weight_decay``).
-        precond_lr: dimensionless step size of the fit, in ``(0, 1]``.
+        precond_lr: dimensionless step size of the fit, in ``(0, 1]``; ``None``: the curvature's default
+            (0.2 whitening, 0.1 ``hvp`` / ``fd``).
         lipschitz_beta: EMA factor of the running bound ``L`` that normalises the fit's step.
         precond_update_prob: a constant probability or a schedule dict (:mod:`.schedules`).
         precond_init_scale: initial ``Q = scale I``; ``None`` sets it from the first pair (:mod:`.fitting`).
@@ -76,7 +78,10 @@ class PSGD(Optimizer):
             times the RMS of Adam's step for ``m`` with one second moment per block
             (:func:`~.update.adam_floors`): whitening takes far smaller steps than Adam where gradients
             are consistent (fine-tuning). ``None`` (or 0): no floor.
-        damping: ``h + damping v`` is fitted instead of ``h`` (bounds ``P`` by ``1 / damping``).
+        damping: ``h + damping v`` is fitted instead of ``h`` (bounds ``P`` by ``1 / damping``); ``None``: the
+            curvature's default (1e-9 whitening; 1e-2 ``hvp`` / ``fd``, in the loss's Hessian units: set
+            it to the scale of the curvature you want resolved, e.g. ``1e-9`` for exact Newton steps on a
+            deterministic problem).
         whiten_momentum: with ``curvature="whiten"``, fit on the momentum instead of the gradient.
         secant_pairs: with ``"hvp"`` or ``"fd"``, also fit on the last step's secant pair (:mod:`.secant`).
         precond_dtype: preconditioner storage dtype (``None``: float32, float64 for float64 parameters).
@@ -108,14 +113,14 @@ class PSGD(Optimizer):
         curvature: str = "whiten",
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        precond_lr: float = 0.1,
+        precond_lr: float | None = None,
         lipschitz_beta: float = 0.9,
         precond_update_prob: Schedule = DEFAULT_UPDATE_SCHEDULE,
         precond_init_scale: float | None = None,
         max_update_rms: float | None = 1.1,
         max_update_growth: float | None = 2.0,
-        adam_floor: float | None = 0.5,
-        damping: float = 1e-9,
+        adam_floor: float | None = 0.75,
+        damping: float | None = None,
         whiten_momentum: bool = False,
         secant_pairs: bool = False,
         precond_dtype: torch.dtype | str | None = None,
