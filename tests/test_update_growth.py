@@ -11,7 +11,9 @@ import torch
 
 from hf_psgd import PSGD
 
-CURVATURE = 1e-2  # a flat quadratic: P tends to 1 / CURVATURE
+CURVATURE = 1e-2  # a flat quadratic: P tends to 1 / (CURVATURE + damping)
+#: next to no damping (the ``hvp`` default 1e-2 would halve ``P`` here): the growth cap is the only bound
+UNDAMPED = 1e-9
 
 
 def _step_sizes(growth: float | None, spike_at: int = 30, spike: float = 1e3, steps: int = 34) -> list[float]:
@@ -20,7 +22,15 @@ def _step_sizes(growth: float | None, spike_at: int = 30, spike: float = 1e3, st
     generator = torch.Generator().manual_seed(0)
     x = torch.nn.Parameter(torch.randn(8, 6, generator=generator))
     b = torch.randn(8, 6, generator=generator) * 1e-2
-    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0, max_update_rms=None, max_update_growth=growth)
+    opt = PSGD(
+        [x],
+        lr=0.3,
+        curvature="hvp",
+        precond_update_prob=1.0,
+        max_update_rms=None,
+        max_update_growth=growth,
+        damping=UNDAMPED,
+    )
     sizes = []
     for step in range(steps):
         scale = spike if step == spike_at else 1.0
@@ -104,7 +114,7 @@ def test_after_convergence_a_moved_optimum_is_reached_again() -> None:
     1.1x per step at the default) instead of jumping: slower than uncapped Newton, but never frozen."""
     target = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     x = torch.nn.Parameter(torch.zeros(8, 6))
-    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0, max_update_rms=None)
+    opt = PSGD([x], lr=0.3, curvature="hvp", precond_update_prob=1.0, max_update_rms=None, damping=UNDAMPED)
     distances = []
     for step in range(300):
         optimum = target if step < 150 else -target
