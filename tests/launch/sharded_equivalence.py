@@ -3,9 +3,9 @@
 20 global batches: once as a single process would (unsharded PSGD, whole batches) and once sharded
 (its half of each batch). It checkpoints both after 10 steps (the sharded one through
 ``Accelerator.save_state``, with no other call), resumes 2 -> 1 and 1 -> 2, and writes OUT/rank<r>.pt
-with the final parameters of every run, per-rank preconditioner bytes and the owners. With
-whitening it also steps a sharded optimizer whose gradient is NaN on rank 1 only (every rank must
-skip) and calls ``state_dict()`` on rank 0 only (it must raise within a few seconds)."""
+with the final parameters of every run, per-rank preconditioner bytes and the owners. With whitening and
+with H v in fp32 it also steps a sharded optimizer whose gradient is NaN on rank 1 only (every rank must
+skip, its state untouched) and calls ``state_dict()`` on rank 0 only (it must raise within a few seconds)."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def main(out: Path, options: dict) -> None:
     one_to_two_opt.load_state_dict(single_half_state)
     train(one_to_two, one_to_two_opt, batches[HALF:], curvature, shard=True)
 
-    results = nan_on_one_rank(initial, options) if curvature == "whiten" else {}
+    results = nan_on_one_rank(initial, options, batches[0]) if curvature == "whiten" or "apply_dtype" in options else {}
     torch.save(
         {
             **results,
@@ -131,19 +131,35 @@ def main(out: Path, options: dict) -> None:
     end_multiprocess_run()
 
 
-def nan_on_one_rank(initial: torch.nn.Module, options: dict) -> dict:
-    """A step whose gradient is NaN on rank 1 only, then ``state_dict()`` on rank 0 only."""
+def nan_on_one_rank(initial: torch.nn.Module, options: dict, tokens: torch.Tensor) -> dict:
+    """Two good steps, then one whose gradient (with H v: loss, gradient and curvature) is NaN on rank 1 only, then
+    ``state_dict()`` on rank 0 only. The NaN step must leave the parameters and every rank's optimizer state
+    (preconditioners, momentum, the growth cap's update-RMS history) as they were, but for its counters."""
     model = copy.deepcopy(initial)
     optimizer = make_optimizer(model, options, shard=True)
-    before = params(model)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    if dist.get_rank() == 1:
-        next(model.parameters()).grad[0] = float("nan")
+
+    def step(poisoned: bool) -> None:  # poisoned: NaN in the first parameter's gradient (and H v) on rank 1
+        poison = float("nan") if poisoned and dist.get_rank() == 1 else 0.0
+        first = next(model.parameters())
+        if options["curvature"] == "whiten":
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            first.grad[0] += poison
+            optimizer.step()
+        else:  # the other blocks' g and H v stay finite: only the agreed mask stops their updates
+            optimizer.step(lambda: lm_loss(model, tokens) + poison * first.sum())
+
+    for _ in range(2):  # two: the growth cap's history (an EMA) differs from the RMS the unchanged momentum gives
+        step(poisoned=False)
+    before, state_before = params(model), _state_tensors(optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        optimizer.step()
+        step(poisoned=True)
     unchanged = all(torch.equal(value, before[name]) for name, value in params(model).items())
+    state_after = _state_tensors(optimizer)
+    state_unchanged = state_before.keys() == state_after.keys() and all(
+        torch.equal(value, state_after[key]) for key, value in state_before.items()
+    )
     skipped = all(state["skipped_steps"] == 1 for state in optimizer.state.values())
     optimizer._distribution.state_dict_timeout = timedelta(seconds=3)
     error = ""
@@ -152,7 +168,18 @@ def nan_on_one_rank(initial: torch.nn.Module, options: dict) -> dict:
             optimizer.state_dict()
         except RuntimeError as raised:
             error = str(raised)
-    return {"nan_skipped_everywhere": unchanged and skipped, "one_rank_state_dict_error": error}
+    return {"nan_skipped_everywhere": unchanged and state_unchanged and skipped, "one_rank_state_dict_error": error}
+
+
+def _state_tensors(optimizer: PSGD) -> dict[str, torch.Tensor]:
+    """Every tensor of this rank's optimizer state by a path of keys, cloned; the counters of skipped steps and
+    undone fits left out (a masked step counts in both)."""
+    found = {}
+    for index, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            if key not in ("skipped_steps", "rejected_fits"):
+                found |= {f"{index}.{key}.{i}": t.detach().clone() for i, t in enumerate(_tensors(value))}
+    return found
 
 
 if __name__ == "__main__":
