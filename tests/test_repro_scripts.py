@@ -96,6 +96,36 @@ def test_quality_suite_exact_hvp_twins_share_their_baselines(monkeypatch, tmp_pa
     assert suite.run_id(twin, optimizers.ADAMW, 0.01, 1).task == "digits-lenet"
     twin_psgd, base_psgd = suite.run_id(twin, suite.psgd(twin), 0.3, 1), suite.run_id(base, suite.psgd(base), 0.3, 1)
     assert twin_psgd.task == "digits-lenet-hvp" and twin_psgd.key() != base_psgd.key()
+    newton = optimizers.PSGD_TORCH_NEWTON  # the anchor of the twin's curvature: the twin's own, only there
+    assert suite.run_id(twin, newton, 0.3, 1).task == "digits-lenet-hvp"
+    grids = {task.name: dict((spec.name, grid) for spec, grid in suite.plan(task, 0.01)) for task in (base, twin)}
+    assert grids["digits-lenet"]["psgd-torch-newton"] == () and len(grids["digits-lenet-hvp"]["psgd-torch-newton"]) > 1
+
+
+def test_quality_report_best_anchor_counts_the_newton_anchor_where_it_ran(monkeypatch) -> None:
+    """The best anchor is the lowest mean of the anchors that ran on every seed, psgd-torch's Newton included on the
+    exact-H v tasks; where an optimizer has no grid its cell is a dash, and the exact-H v gaps to Newton are listed."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    report, suite = importlib.import_module("quality.report"), importlib.import_module("quality.suite")
+    tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
+
+    def entry(name: str, losses: list[float], grid: tuple[float, ...] = (0.1,)) -> object:
+        runs = [{"eval_loss": loss, "metrics": {}, "train_seconds": 1.0, "eval_seconds": 0.0} for loss in losses]
+        return suite.Entry(name, grid, {}, grid[0] if grid else None, runs, 2)
+
+    def result(task: str, newton: list[float], newton_grid: tuple[float, ...]) -> object:
+        entries = {"adamw": entry("adamw", [1.0, 1.0]), "psgd": entry("psgd", [0.9, 0.9])}
+        entries |= {name: entry(name, [0.8, 0.8]) for name in ("kron-torch", "heavyball")}
+        entries["psgd-torch"] = entry("psgd-torch", [0.7])  # one seed of two: not complete, not counted
+        entries["psgd-torch-newton"] = entry("psgd-torch-newton", newton, newton_grid)
+        return report.TaskResult(tasks[task], entries, 0.1)
+
+    whiten, hvp = result("digits-lenet", [], ()), result("digits-lenet-hvp", [0.6, 0.6], (0.3,))
+    assert whiten.best_anchor().optimizer == "kron-torch" and hvp.best_anchor().optimizer == "psgd-torch-newton"
+    assert whiten.gap(whiten.best_anchor()) == pytest.approx(0.125) and hvp.gap(hvp.best_anchor()) == pytest.approx(0.5)
+    rows = report.results_table([whiten, hvp], "defaults").splitlines()
+    assert rows[2].split(" | ")[-3] == "—" and rows[3].split(" | ")[-3].startswith("**0.6")
+    assert "digits-lenet-hvp +50.0%" in report.same_curvature_line([whiten, hvp])[0]
 
 
 def test_quality_cache_keeps_runs_of_invocations_sharing_a_task(monkeypatch, tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def estimate(suite: Suite, tasks: list[Task], steps: int) -> str:
         data_seconds = time.perf_counter() - began
         total, psgd_only = total + data_seconds, psgd_only + data_seconds
         for spec, grid in suite.plan(task, adamw_lr=task.adamw_lrs[0]):  # any rate: only the time matters
-            if not spec.installed():
+            if not spec.installed() or not grid:
                 continue
             try:
                 with stdout_to_stderr():

@@ -54,6 +54,7 @@ class OptimizerSpec:
     apply_only: Switch | None = None
     update_schedule: UpdateSchedule = 1.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    own_runs: bool = False  # runs depend on the task's PSGD options (curvature): not shared with its baseline task
 
     def installed(self) -> bool:
         return self.module is None or importlib.util.find_spec(self.module) is not None
@@ -113,6 +114,7 @@ def psgd_spec(options: Mapping[str, Any]) -> OptimizerSpec:
         apply_only=Switch("precond_update_prob", TINY_PROB, in_groups=True),
         update_schedule=options.get("precond_update_prob", defaults),
         options=options,
+        own_runs=True,
     )
 
 
@@ -129,10 +131,10 @@ def make_heavyball(params: list[Tensor], lr: float) -> OptimizerLike:
     return heavyball.PSGDKron(params, lr=lr, compile_step=False)
 
 
-def make_psgd_torch(params: list[Tensor], lr: float) -> OptimizerLike:
+def make_psgd_torch(params: list[Tensor], lr: float, preconditioner_type: str = "whitening") -> OptimizerLike:
     from psgd_torch import Kron
 
-    return Kron(params, lr_params=lr, momentum=0.9, preconditioner_type="whitening")
+    return Kron(params, lr_params=lr, momentum=0.9, preconditioner_type=preconditioner_type)
 
 
 def anchor_specs() -> list[OptimizerSpec]:
@@ -173,5 +175,20 @@ ADAMW = OptimizerSpec(
     "torch.optim.AdamW(params, lr, weight_decay=0)",
     lambda params, lr: torch.optim.AdamW(params, lr, weight_decay=0.0),
 )
-ANCHOR_NAMES = ("kron-torch", "heavyball", "psgd-torch")
+
+#: psgd-torch's Kron fitted on exact H v (its Newton type, the default): the anchor of the same curvature on the
+#: exact-H v tasks (``Task.newton_anchor_lrs``); its runs are the task's own
+PSGD_TORCH_NEWTON = OptimizerSpec(
+    "psgd-torch-newton",
+    "psgd_torch.Kron(params, lr_params=lr, momentum=0.9, preconditioner_type='Newton'), exact H v, step(closure); "
+    "on the exact-H v tasks only",
+    functools.partial(make_psgd_torch, preconditioner_type="Newton"),
+    "psgd-torch",
+    "psgd_torch",
+    closure=True,
+    apply_only=Switch("preconditioner_update_probability", 0.0, in_groups=False),
+    own_runs=True,
+)
+
+ANCHOR_NAMES = ("kron-torch", "heavyball", "psgd-torch", PSGD_TORCH_NEWTON.name)
 OPTIMIZER_NAMES = ("adamw", "psgd", *ANCHOR_NAMES)

@@ -17,8 +17,13 @@ from .optimizers import ANCHOR_NAMES, OPTIMIZER_NAMES, psgd_code_hash
 from .suite import Entry, Suite, held_out_loss
 from .tasks import Task
 
-HEADERS = {"adamw": "AdamW (tuned)", "kron-torch": "kron-torch (tuned)", "heavyball": "heavyball (tuned)"}
-HEADERS["psgd-torch"] = "psgd-torch (tuned)"
+HEADERS = {
+    "adamw": "AdamW (tuned)",
+    "kron-torch": "kron-torch (tuned)",
+    "heavyball": "heavyball (tuned)",
+    "psgd-torch": "psgd-torch (tuned)",
+    "psgd-torch-newton": "psgd-torch Newton (tuned; exact-H v tasks)",
+}
 
 
 @dataclass
@@ -57,7 +62,10 @@ def fmt_gap(gap: float | None) -> str:
 
 
 def cell(entry: Entry, best: float | None) -> str:
-    """``mean ± std (lr)``; bold for the row's best, † for a learning rate at the edge of its grid."""
+    """``mean ± std (lr)``; bold for the row's best, † for a learning rate at the edge of its grid; — where the
+    optimizer has no grid on the task."""
+    if not entry.grid:
+        return "—"
     if entry.skipped and not entry.runs:
         return "not installed"
     if not entry.runs:
@@ -108,9 +116,19 @@ def summary_lines(results: Sequence[TaskResult], label: str, wall_seconds: float
         f"- Mean relative gap to tuned AdamW: {fmt_gap(statistics.fmean(adamw_gaps)) if adamw_gaps else '—'}; to the "
         f"best of the PSGD anchors: {fmt_gap(statistics.fmean(anchor_gaps)) if anchor_gaps else '—'} over "
         f"{len(anchor_gaps)} tasks (positive: PSGD's loss is higher).",
+        *same_curvature_line(results),
         f"- Wall time: PSGD runs {psgd_seconds / 60:.1f} min (training + evaluation, all tasks and seeds); AdamW at "
         f"its chosen learning rates {adamw_seconds / 60:.1f} min; this invocation {wall_seconds / 60:.1f} min.",
     ]
+
+
+def same_curvature_line(results: Sequence[TaskResult]) -> list[str]:
+    """On the exact-H v tasks, PSGD's gap to the anchor fitted on the same pairs (psgd-torch's Newton)."""
+    gaps = [(r.task.name, r.gap(r.entries["psgd-torch-newton"])) for r in results if r.task.newton_anchor_lrs]
+    if not gaps:
+        return []
+    listed = ", ".join(f"{name} {fmt_gap(gap)}" for name, gap in gaps)
+    return [f"- Exact-H v tasks against the anchor of the same curvature, psgd-torch's Newton (tuned): {listed}."]
 
 
 def metrics_table(results: Sequence[TaskResult]) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import Record, ResultCache, RunId, options_hash
-from .optimizers import ADAMW, OptimizerSpec, anchor_specs, psgd_spec
+from .optimizers import ADAMW, PSGD_TORCH_NEWTON, OptimizerSpec, anchor_specs, psgd_spec
 from .problems import Problem
 from .runner import train
 from .tasks import Task
@@ -137,8 +137,9 @@ class Suite:
         return () if lr is None else (lr,)
 
     def plan(self, task: Task, adamw_lr: float | None = None) -> list[tuple[OptimizerSpec, tuple[float, ...]]]:
-        """Every optimizer of the task with its learning-rate grid."""
-        anchors = [(spec, task.anchor_lrs) for spec in anchor_specs()]
+        """Every optimizer of the task with its learning-rate grid (psgd-torch's Newton: empty, not run, but on the
+        exact-H v tasks)."""
+        anchors = [(spec, task.anchor_lrs) for spec in anchor_specs()] + [(PSGD_TORCH_NEWTON, task.newton_anchor_lrs)]
         return [(ADAMW, task.adamw_lrs), (self.psgd(task), self.psgd_grid(task, adamw_lr)), *anchors]
 
     def entries(self, task: Task) -> list[Entry]:
@@ -151,15 +152,16 @@ class Suite:
             entry = collect(spec.name, grid, self.seeds_for(task), self._fetcher(task, spec))
             if not spec.installed():
                 entry.skipped = f"{spec.distribution} is not installed"
-            elif not grid:
+            elif not grid and spec.name == "psgd":
                 entry.skipped = f"psgd on {task.name}: its learning-rate rule needs AdamW's tuned rate; run adamw first"
             found.append(entry)
         return found
 
     def run_id(self, task: Task, spec: OptimizerSpec, lr: float, seed: int) -> RunId:
-        """A PSGD run is the task's own; AdamW's and the anchors' are its baseline task's (:meth:`Task.baseline`)."""
+        """A PSGD run (and psgd-torch Newton's) is the task's own; AdamW's and the whitening anchors' are its baseline
+        task's (:meth:`Task.baseline`)."""
         variant = f"{self.label}:{options_hash(spec.options)}" if spec.name == "psgd" else ""
-        owner = task if spec.name == "psgd" else task.baseline()
+        owner = task if spec.own_runs else task.baseline()
         return RunId(
             owner.name, owner.fingerprint(), spec.name, variant, spec.version() if spec.installed() else "", lr, seed
         )
