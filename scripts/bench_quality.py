@@ -12,7 +12,8 @@ A benchmark for choosing PSGD's defaults on many tasks rather than on one recipe
 * ``lora-sft-arithmetic``: ``recipes/sft_lora.yaml`` (LoRA on a small Llama, loss on the answers);
 * ``digits-lenet``: LeNet-5 on scikit-learn's digits;
 * ``friedman-mlp``: a regression MLP on Friedman #1; 3000 steps;
-* ``digits-lenet-hvp``, ``friedman-mlp-hvp``: the last two with PSGD on exact H v (``curvature=hvp``).
+* ``gpt-arithmetic-hvp``, ``lora-sft-arithmetic-hvp``, ``digits-lenet-hvp``, ``friedman-mlp-hvp``: four of the
+  above with PSGD on exact H v (``curvature=hvp``).
 
 Optimizers (``scripts/quality/optimizers.py``): ``adamw`` at the best of a learning-rate sweep (four points per
 task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(...))`` (``--psgd-lr-rule``: by default tuned AdamW's
