@@ -48,7 +48,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from quality.cache import ResultCache
@@ -142,12 +144,17 @@ def select_tasks(names: str | None, quick: bool) -> list[Task]:
     return [task.quick() for task in tasks] if quick else tasks
 
 
-def make_suite(args: argparse.Namespace) -> Suite:
+def make_suite(args: argparse.Namespace, tasks: Sequence[Task] = ()) -> Suite:
+    """The suite the arguments describe; ``--psgd-options`` is validated together with each task's own options
+    (``tasks``, or every task), so that an option valid only with exact H v passes on the exact-H v tasks."""
     folder = args.cache_dir or (QUICK_FOLDER / "cache" if args.quick else RESULTS / "quality")
-    try:
-        psgd_options = parse_psgd_options(args.psgd_options)
-    except ValueError as error:
-        raise SystemExit(f"--psgd-options: {error}") from None
+    psgd_options: dict[str, Any] = {}
+    for task in tasks or TASKS:
+        try:
+            psgd_options = parse_psgd_options(args.psgd_options, task.psgd_options)
+        except ValueError as error:
+            own = ", ".join(f"{key}={value}" for key, value in task.psgd_options.items()) or "none"
+            raise SystemExit(f"--psgd-options on {task.name} (its own options: {own}): {error}") from None
     return Suite(
         cache=ResultCache(folder),
         seeds=1 if args.quick else args.seeds,
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     torch.set_num_threads(args.threads)
     quiet_libraries()
-    suite = make_suite(args)
+    suite = make_suite(args, tasks)
     if args.estimate is not None:
         write(estimate(suite, tasks, args.estimate), args.out or QUICK_FOLDER / "quality_estimate.md")
         return

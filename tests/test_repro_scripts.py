@@ -83,6 +83,21 @@ def test_quality_suite_seeds_per_task(monkeypatch, tmp_path: Path) -> None:
         bench.parse_args(["--seeds", "0"])
 
 
+def test_quality_suite_validates_psgd_options_with_each_tasks_own(monkeypatch, tmp_path: Path) -> None:
+    """``--psgd-options`` valid only with exact H v (``secant_pairs``) passes on the exact-H v tasks, keeps out the
+    task's own ``curvature``, and is refused on a whitening task with the task named."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_quality")
+    tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
+    args = bench.parse_args(["--psgd-options", "secant_pairs=true", "--label", "secant", "--cache-dir", str(tmp_path)])
+    twin = tasks["digits-lenet-hvp"]
+    suite = bench.make_suite(args, [twin])
+    assert suite.psgd_options == {"secant_pairs": True}
+    assert suite.psgd(twin).options == {"curvature": "hvp", "secant_pairs": True}
+    with pytest.raises(SystemExit, match="on digits-lenet .*its own options: none.*secant_pairs=True is invalid"):
+        bench.make_suite(args, [twin, tasks["digits-lenet"]])
+
+
 def test_quality_suite_exact_hvp_twins_share_their_baselines(monkeypatch, tmp_path: Path) -> None:
     """AdamW and the anchors do not depend on PSGD's options: an exact-H v task reads and writes their runs under
     the task it was made from; its PSGD runs stay its own."""

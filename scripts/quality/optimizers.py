@@ -85,17 +85,20 @@ def psgd_code_hash() -> str:
     return digest.hexdigest()[:10]
 
 
-def parse_psgd_options(text: str | None) -> dict[str, Any]:
+def parse_psgd_options(text: str | None, task_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``key=value,...`` as PSGD keyword arguments, typed and validated as ``optim_args`` are in the Trainer
-    integration; ``preconditioner`` and ``weight_decay`` are accepted too."""
+    integration, together with a task's own ``task_options`` (e.g. ``curvature="hvp"``, under which an option
+    such as ``secant_pairs`` is valid), which the result leaves out unless ``text`` sets them; ``preconditioner``
+    and ``weight_decay`` are accepted too."""
     items = [item for item in (text or "").replace(" ", "").split(",") if item]
     values = {key: value for key, _, value in (item.partition("=") for item in items)}
     family, decay = values.get("preconditioner"), values.get("weight_decay")
-    rest = ",".join(item for item in items if item.partition("=")[0] not in ("preconditioner", "weight_decay"))
-    options = psgd_optimizer_kwargs(f"psgd_{family or 'kron'}", rest, 1.0)
-    del options["lr"]
-    if family is None:
-        del options["preconditioner"]
+    rest = [item for item in items if item.partition("=")[0] not in ("preconditioner", "weight_decay")]
+    inherited = {key: value for key, value in (task_options or {}).items() if key not in values}
+    optim_args = ",".join([f"{key}={value}" for key, value in inherited.items()] + rest)
+    options = psgd_optimizer_kwargs(f"psgd_{family or 'kron'}", optim_args, 1.0)
+    for key in ("lr", *inherited, *(() if family else ("preconditioner",))):
+        del options[key]
     if decay is not None:
         options["weight_decay"] = float(decay)
     return options
