@@ -177,7 +177,7 @@ TASKS = (
     ),
 )  # fmt: skip
 #: psgd-torch's Newton steps take normalised rates (its default 0.01): on seed 0 the best lay at 0.1 (LoRA), 0.3
-#: (digits) and 1 (Friedman; 3 diverged there)
+#: (the arithmetic GPT, digits) and 1 (Friedman; 3 diverged there)
 NEWTON_ANCHOR_LRS = (0.03, 0.1, 0.3, 1.0)
 #: the tasks that PSGD's exact-H v mode (Newton-type steps) is judged on: four of the above with curvature=hvp
 TASKS += tuple(
