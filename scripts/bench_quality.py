@@ -13,7 +13,11 @@ A benchmark for choosing PSGD's defaults on many tasks rather than on one recipe
 * ``digits-lenet``: LeNet-5 on scikit-learn's digits;
 * ``friedman-mlp``: a regression MLP on Friedman #1; 3000 steps;
 * ``gpt-arithmetic-hvp``, ``lora-sft-arithmetic-hvp``, ``digits-lenet-hvp``, ``friedman-mlp-hvp``: four of the
-  above with PSGD on exact H v (``curvature=hvp``).
+  above with PSGD on exact H v (``curvature=hvp``);
+* held out, never used to choose a default (their own table and summary): ``gpt-pydoc-short`` (the TinyGPT of
+  ``gpt-docstrings`` on the language reference's topics, 400 steps), ``mlp-tabular`` (an MLP classifier on
+  scikit-learn's ``make_classification``), ``digits-autoencoder`` and its exact-H v twin
+  ``digits-autoencoder-hvp`` (a deep autoencoder of the digits images).
 
 Optimizers (``scripts/quality/optimizers.py``): ``adamw`` at the best of a learning-rate sweep (four points per
 task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(...))`` (``--psgd-lr-rule``: by default tuned AdamW's

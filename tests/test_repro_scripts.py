@@ -117,16 +117,21 @@ def test_quality_suite_exact_hvp_twins_share_their_baselines(monkeypatch, tmp_pa
     assert grids["digits-lenet"]["psgd-torch-newton"] == () and len(grids["digits-lenet-hvp"]["psgd-torch-newton"]) > 1
 
 
+def _entry(name: str, losses: list[float], grid: tuple[float, ...] = (0.1,)) -> object:
+    """A suite entry of ``name`` with one run per loss (of two seeds asked for) at the first rate of ``grid``."""
+    suite = importlib.import_module("quality.suite")
+    record = {"metrics": {}, "train_seconds": 1.0, "eval_seconds": 0.0, "trainable_params": 1}
+    runs = [{"eval_loss": loss, **record} for loss in losses]
+    return suite.Entry(name, grid, {}, grid[0] if grid else None, runs, 2)
+
+
 def test_quality_report_best_anchor_counts_the_newton_anchor_where_it_ran(monkeypatch) -> None:
     """The best anchor is the lowest mean of the anchors that ran on every seed, psgd-torch's Newton included on the
     exact-H v tasks; where an optimizer has no grid its cell is a dash, and the exact-H v gaps to Newton are listed."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
-    report, suite = importlib.import_module("quality.report"), importlib.import_module("quality.suite")
+    report = importlib.import_module("quality.report")
     tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
-
-    def entry(name: str, losses: list[float], grid: tuple[float, ...] = (0.1,)) -> object:
-        runs = [{"eval_loss": loss, "metrics": {}, "train_seconds": 1.0, "eval_seconds": 0.0} for loss in losses]
-        return suite.Entry(name, grid, {}, grid[0] if grid else None, runs, 2)
+    entry = _entry
 
     def result(task: str, newton: list[float], newton_grid: tuple[float, ...]) -> object:
         entries = {"adamw": entry("adamw", [1.0, 1.0]), "psgd": entry("psgd", [0.9, 0.9])}
@@ -141,6 +146,26 @@ def test_quality_report_best_anchor_counts_the_newton_anchor_where_it_ran(monkey
     rows = report.results_table([whiten, hvp], "defaults").splitlines()
     assert rows[2].split(" | ")[-3] == "—" and rows[3].split(" | ")[-3].startswith("**0.6")
     assert "digits-lenet-hvp +50.0%" in report.same_curvature_line([whiten, hvp])[0]
+
+
+def test_quality_report_keeps_held_out_tasks_out_of_the_summary(monkeypatch, tmp_path: Path) -> None:
+    """Held-out tasks (never used to choose a default) get their own table and summary after the others'; the
+    summary of the tasks the defaults were chosen on does not count them."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench, report = importlib.import_module("bench_quality"), importlib.import_module("quality.report")
+    tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
+    assert {name for name, task in tasks.items() if task.held_out} >= {"gpt-pydoc-short", "digits-autoencoder-hvp"}
+
+    def result(task: str, psgd: float) -> object:
+        entries = {name: _entry(name, [1.0, 1.0]) for name in ("adamw", "kron-torch", "heavyball", "psgd-torch")}
+        entries |= {"psgd": _entry("psgd", [psgd, psgd]), "psgd-torch-newton": _entry("psgd-torch-newton", [], ())}
+        return report.TaskResult(tasks[task], entries, 0.1)
+
+    suite = bench.make_suite(bench.parse_args(["--cache-dir", str(tmp_path)]))
+    text = report.render([result("digits-lenet", 0.9), result("digits-autoencoder", 1.2)], suite, 1.0, 1)
+    chosen_on, held_out = text.split("## Held-out tasks")
+    assert "on 1 of 1 tasks" in chosen_on and "-10.0%" in chosen_on and "digits-autoencoder" not in chosen_on
+    assert "on 0 of 1 tasks" in held_out.split("## Other")[0] and "+20.0%" in held_out
 
 
 def test_quality_cache_keeps_runs_of_invocations_sharing_a_task(monkeypatch, tmp_path: Path) -> None:

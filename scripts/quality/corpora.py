@@ -1,4 +1,5 @@
-"""Text corpora that need no download: the standard library's docstrings and arithmetic the suite generates.
+"""Text corpora that need no download: the standard library's docstrings, its language-reference topics and
+arithmetic the suite generates.
 
 Both come back as byte tokens (``torch.long`` in 0..255), split into a training and a held-out part.
 """
@@ -48,6 +49,18 @@ def stdlib_docstrings(held_out_every: int = 10) -> tuple[Tensor, Tensor]:
         text = module_docstrings(path)
         if text:
             (held_out if index % held_out_every == held_out_every - 1 else train).append(text)
+    return as_tokens("\n\n".join(train).encode()), as_tokens("\n\n".join(held_out).encode())
+
+
+def pydoc_topics(held_out_every: int = 10) -> tuple[Tensor, Tensor]:
+    """``(train, held_out)`` byte tokens of the language reference's topics that ``pydoc`` shows
+    (``pydoc_data.topics``: about 460k characters of prose and code); every ``held_out_every``-th topic (in
+    sorted order) is held out."""
+    from pydoc_data.topics import topics
+
+    train, held_out = [], []
+    for index, (_, text) in enumerate(sorted(topics.items())):
+        (held_out if index % held_out_every == held_out_every - 1 else train).append(text)
     return as_tokens("\n\n".join(train).encode()), as_tokens("\n\n".join(held_out).encode())
 
 

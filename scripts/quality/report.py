@@ -105,11 +105,9 @@ def summary_row(results: Sequence[TaskResult], columns: int) -> str:
     return "| **summary** | " + " | ".join(cells + [f"mean {g}" for g in mean_gap]) + " |"
 
 
-def summary_lines(results: Sequence[TaskResult], label: str, wall_seconds: float) -> list[str]:
+def summary_lines(results: Sequence[TaskResult], label: str) -> list[str]:
     adamw_gaps = [g for g in (r.gap(r.entries["adamw"]) for r in results) if g is not None]
     anchor_gaps = [g for g in (r.gap(r.best_anchor()) for r in results) if g is not None]
-    psgd_seconds = sum(sum(r.entries["psgd"].seconds()) for r in results)
-    adamw_seconds = sum(sum(r.entries["adamw"].seconds()) for r in results)
     return [
         f"- PSGD `{label}` wins against tuned AdamW (lower mean held-out loss) on {sum(g < 0 for g in adamw_gaps)} "
         f"of {len(adamw_gaps)} tasks with complete results.",
@@ -117,9 +115,27 @@ def summary_lines(results: Sequence[TaskResult], label: str, wall_seconds: float
         f"best of the PSGD anchors: {fmt_gap(statistics.fmean(anchor_gaps)) if anchor_gaps else '—'} over "
         f"{len(anchor_gaps)} tasks (positive: PSGD's loss is higher).",
         *same_curvature_line(results),
-        f"- Wall time: PSGD runs {psgd_seconds / 60:.1f} min (training + evaluation, all tasks and seeds); AdamW at "
-        f"its chosen learning rates {adamw_seconds / 60:.1f} min; this invocation {wall_seconds / 60:.1f} min.",
     ]
+
+
+def wall_time_line(results: Sequence[TaskResult], wall_seconds: float) -> str:
+    psgd_seconds = sum(sum(r.entries["psgd"].seconds()) for r in results)
+    adamw_seconds = sum(sum(r.entries["adamw"].seconds()) for r in results)
+    return (
+        f"- Wall time: PSGD runs {psgd_seconds / 60:.1f} min (training + evaluation, all tasks and seeds); AdamW at "
+        f"its chosen learning rates {adamw_seconds / 60:.1f} min; this invocation {wall_seconds / 60:.1f} min."
+    )
+
+
+HELD_OUT_INTRO = (
+    "Tasks kept out of every ablation and of the choice of the defaults (`Task.held_out`): how the defaults and the "
+    "learning-rate rule carry over to tasks they were not chosen on. Not in the summary above."
+)
+
+
+def results_section(results: Sequence[TaskResult], label: str) -> str:
+    """The results table with its summary row, and the summary lines below it."""
+    return results_table(results, label) + "\n\n" + "\n".join(summary_lines(results, label))
 
 
 def same_curvature_line(results: Sequence[TaskResult]) -> list[str]:
@@ -242,11 +258,14 @@ def render(results: Sequence[TaskResult], suite: Suite, wall_seconds: float, thr
     records = {r.task.name: suite.cache.records(r.task.name) for r in results}
     skipped = sorted({f"- {e.optimizer}: {e.skipped}" for r in results for e in r.entries.values() if e.skipped})
     failures = [f"- {line}" for line in suite.failures]
+    chosen_on = [r for r in results if not r.task.held_out]
+    held_out = [r for r in results if r.task.held_out]
     sections = [
         "# Quality suite: held-out loss of PSGD at its defaults against tuned AdamW and the PSGD anchors",
         intro(suite.lr_rule),
-        results_table(results, suite.label),
-        "\n".join(summary_lines(results, suite.label, wall_seconds)),
+        *([results_section(chosen_on, suite.label)] if chosen_on else []),
+        *([f"## Held-out tasks\n\n{HELD_OUT_INTRO}\n\n" + results_section(held_out, suite.label)] if held_out else []),
+        wall_time_line(results, wall_seconds),
         "## Other held-out metrics\n\n" + (metrics_table(results) or "none"),
         "## Tasks\n\n" + tasks_table(results, suite),
         "## Optimizers\n\n" + optimizer_lines(results, suite),

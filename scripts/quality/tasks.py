@@ -3,6 +3,10 @@
 Every task is offline and sized for a 2-core CPU. A task's ``fingerprint`` (name, steps, batch, warm-up,
 evaluations, PSGD options, version) is part of every cached result's key: change a task's definition or its
 builder and bump ``version``, and its old results stop being reused.
+
+The held-out tasks (``Task.held_out``, last in :data:`TASKS`) judge the defaults where they were not chosen: no
+ablation runs on them and no default is chosen by them, and the report gives them their own table and summary.
+Keep them so: a setting chosen because it wins there makes them one more tuning task.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from repro_digits_lenet import Data, LeNet5, load
 from tiny_gpt import GPTConfig
 from torch import nn
 
-from .corpora import arithmetic_text, stdlib_docstrings
+from .corpora import arithmetic_text, pydoc_topics, stdlib_docstrings
 from .problems import Problem, corpus_problem, recipe_problem, tensor_problem
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -50,6 +54,7 @@ class Task:
     seeds: int = 3  # seeds 0..seeds-1 unless the script's --seeds says otherwise (not in the fingerprint)
     baseline_of: str | None = None  # a twin that differs only in PSGD's options: the task it shares baselines with
     newton_anchor_lrs: tuple[float, ...] = ()  # psgd-torch's Newton anchor's sweep (exact-H v tasks; none: not run)
+    held_out: bool = False  # never used to choose a default (see the module's docstring); reported on its own
 
     @property
     def warmup(self) -> int:
@@ -118,6 +123,53 @@ def friedman() -> Problem:
     x = (x - x[:4000].mean(0)) / x[:4000].std(0)
     y = (y - y[:4000].mean()) / y[:4000].std()
     return tensor_problem(Data(x[:4000], y[:4000], x[4000:], y[4000:]), regression_mlp, classification=False)
+
+
+def gpt_pydoc() -> Problem:
+    train, held_out = pydoc_topics()
+    return corpus_problem(train, held_out, GPTConfig(seq=64, dim=128, layers=3, heads=4))
+
+
+def tabular() -> Problem:
+    """``sklearn.datasets.make_classification``: 3000 points, 40 features (15 informative), 5 classes of 2
+    clusters each, 2% of the labels flipped; 2000 training and 1000 test points, inputs standardised with the
+    training statistics. A 256-wide MLP overfits it within the run: the held-out loss punishes confidence."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=3000, n_features=40, n_informative=15, n_classes=5, n_clusters_per_class=2, flip_y=0.02,
+        random_state=0,
+    )  # fmt: skip
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    x = (x - x[:2000].mean(0)) / x[:2000].std(0)
+    return tensor_problem(Data(x[:2000], y[:2000], x[2000:], y[2000:]), tabular_mlp, classification=True)
+
+
+def tabular_mlp() -> nn.Module:
+    """40-256-256-5 with ReLU (77,573 parameters)."""
+    return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 5))
+
+
+def digits_autoencoder() -> Problem:
+    """The digits images (the LeNet task's split) as inputs and targets, scaled to [0, 1] by the training range:
+    mean squared reconstruction error on the test images."""
+    clean, _ = load(noise=0.0)
+    train, test = clean.x_train.flatten(1), clean.x_test.flatten(1)
+    low, high = train.min(), train.max()
+    train, test = (train - low) / (high - low), (test - low) / (high - low)
+    return tensor_problem(Data(train, train, test, test), autoencoder, classification=False)
+
+
+def autoencoder() -> nn.Module:
+    """64-128-32-8-32-128-64, tanh, a linear 8-wide code, sigmoid output (the deep-autoencoder benchmark of
+    second-order optimizers, scaled to 8x8 images; 25,480 parameters)."""
+    layers: list[nn.Module] = []
+    widths = (64, 128, 32, 8, 32, 128, 64)
+    for index, (width_in, width_out) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(width_in, width_out))
+        if index != 2:  # the code layer stays linear
+            layers.append(nn.Tanh() if index < len(widths) - 2 else nn.Sigmoid())
+    return nn.Sequential(*layers)
 
 
 def regression_mlp() -> nn.Module:
@@ -192,5 +244,38 @@ TASKS += tuple(
     for task in TASKS
     if task.name in ("digits-lenet", "friedman-mlp", "lora-sft-arithmetic", "gpt-arithmetic")
 )
+
+#: held-out tasks (``Task.held_out``): never used to choose a default or ablate one
+HELD_OUT_TASKS = (
+    Task(
+        "gpt-pydoc-short", "byte-level LM, short run (held out)", "TinyGPT 3 layers, d_model 128, 4 heads, seq 64",
+        "the language reference's topics of pydoc_data, 9 of every 10 topics",
+        "128 windows of 64 bytes from the other topics", steps=400, batch=16, adamw_lrs=GPT_LRS,
+        anchor_lrs=GPT_ANCHOR_LRS, build=gpt_pydoc, held_out=True,
+    ),
+    Task(
+        "mlp-tabular", "tabular classification (held out)", "MLP 40-256-256-5, ReLU",
+        "sklearn make_classification: 2000 points, 5 classes", "1000 test points (loss, accuracy)",
+        steps=800, batch=64, adamw_lrs=(1e-4, 3e-4, 1e-3, 3e-3), anchor_lrs=(3e-4, 1e-3, 3e-3), build=tabular,
+        seeds=SMALL_TASK_SEEDS, held_out=True,
+    ),
+    Task(
+        "digits-autoencoder", "autoencoder, regression (held out)", "MLP 64-128-32-8-32-128-64, tanh, sigmoid output",
+        "sklearn load_digits: 1347 images, scaled to [0, 1]", "450 test images (mean squared error)",
+        steps=1500, batch=64, adamw_lrs=(1e-3, 3e-3, 1e-2, 3e-2), anchor_lrs=(1e-3, 3e-3, 1e-2),
+        build=digits_autoencoder, seeds=SMALL_TASK_SEEDS, held_out=True,
+    ),
+)  # fmt: skip
+HELD_OUT_TASKS += (
+    replace(
+        HELD_OUT_TASKS[2],
+        name="digits-autoencoder-hvp",
+        kind="autoencoder, regression, exact H v (held out)",
+        psgd_options={"curvature": "hvp"},
+        baseline_of="digits-autoencoder",
+        newton_anchor_lrs=NEWTON_ANCHOR_LRS,
+    ),
+)
+TASKS += HELD_OUT_TASKS
 
 TASKS_BY_NAME = {task.name: task for task in TASKS}
