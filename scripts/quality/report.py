@@ -128,8 +128,8 @@ def wall_time_line(results: Sequence[TaskResult], wall_seconds: float) -> str:
 
 
 HELD_OUT_INTRO = (
-    "Tasks kept out of every ablation and of the choice of the defaults (`Task.held_out`): how the defaults and the "
-    "learning-rate rule carry over to tasks they were not chosen on. Not in the summary above."
+    "Tasks kept out of the choice of the defaults and of the learning-rate rule (`Task.held_out`): how both carry "
+    "over to tasks they were not chosen on. Not in the summary above."
 )
 
 

@@ -5,8 +5,9 @@ evaluations, PSGD options, version) is part of every cached result's key: change
 builder and bump ``version``, and its old results stop being reused.
 
 The held-out tasks (``Task.held_out``, last in :data:`TASKS`) judge the defaults where they were not chosen: no
-ablation runs on them and no default is chosen by them, and the report gives them their own table and summary.
-Keep them so: a setting chosen because it wins there makes them one more tuning task.
+default is chosen by them (variants may run there to show what carries over, never to pick one), and the report
+gives them their own table and summary. Keep them so: a setting chosen because it wins there makes them one more
+tuning task.
 """
 
 from __future__ import annotations
