@@ -50,9 +50,9 @@ def test_a_gradient_spike_moves_a_newton_step_at_most_the_growth_factor_times_th
 
 def test_the_default_cap_holds_a_slow_compounding_that_twice_the_history_lets_through() -> None:
     """Gradients growing 9% per step for 30 steps (as a LoRA fine-tune's Newton steps grew at the 2.0 cap, about 9%
-    per step for 30 steps, until its loss tripled). A cap of ``f`` times an EMA (beta 0.9) lets sustained growth
-    ``r`` per step through while ``(1 - 0.9 / r) / 0.1 <= f``: at 2.0 up to 12.5% per step, at the default 1.3 up
-    to 3.5%; over the last 20 steps the free steps grow more than 3x, the default's at most 1.035^20 = 2.0x."""
+    per step for 30 steps, until its loss tripled). A cap of ``f`` times the EMA (beta 0.9) of the earlier steps lets
+    sustained growth ``r`` per step through while ``r <= 0.9 + 0.1 f``: at 2.0 up to 10% per step, at the default
+    1.3 up to 3%; over the last 20 steps the free steps grow more than 3x, the default's less than 1.035^20 = 2.0x."""
     ramp = [1.0] * 30 + [1.09**k for k in range(1, 31)]
     default, loose, free = _step_sizes("default", ramp), _step_sizes(2.0, ramp), _step_sizes(None, ramp)
     assert default[:30] == free[:30]
@@ -118,7 +118,7 @@ def test_bad_max_update_growth_is_named(value: object) -> None:
 
 def test_after_convergence_a_moved_optimum_is_reached_again() -> None:
     """Converged steps are tiny; when the objective's optimum jumps, capped steps grow back geometrically (about
-    1.035x per step at the default) instead of jumping: slower than uncapped Newton (first within 2% of the jump
+    1.03x per step at the default) instead of jumping: slower than uncapped Newton (first within 2% of the jump
     after 214 steps, against 28 uncapped and 110 at a cap of 2.0), but never frozen."""
     target = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     x = torch.nn.Parameter(torch.zeros(8, 6))
