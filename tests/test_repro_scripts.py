@@ -68,6 +68,22 @@ def test_quality_suite_learning_rate_rule(monkeypatch) -> None:
     assert bench.psgd_lr(whiten, 0.01, rule="default") == 1e-3
 
 
+def test_psgd_code_hash_ignores_docstrings_and_comments_but_not_code(monkeypatch, tmp_path: Path) -> None:
+    """Cached PSGD runs stay valid through a docstring or comment edit, never through a code edit."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    code_hash = importlib.import_module("quality.optimizers").code_hash
+    module = tmp_path / "step.py"
+
+    def hashed(source: str) -> str:
+        module.write_text(source)
+        return code_hash(tmp_path)
+
+    original = hashed('"""Module."""\n\ndef step(x):\n    """Doubles."""\n    return 2 * x\n')
+    assert hashed('"""Other."""\n\n\ndef step(x):  # note\n    """Twice x."""\n    return 2*x\n') == original
+    assert hashed('"""Module."""\n\ndef step(x):\n    """Doubles."""\n    return 3 * x\n') != original
+    assert hashed("def step(x):\n    return 2 * x\n\nRATE = 1\n") != original
+
+
 def test_quality_suite_seeds_per_task(monkeypatch, tmp_path: Path) -> None:
     """Each task runs its own number of seeds (more on the small, noisy ones) unless ``--seeds`` sets one for all;
     ``--seeds`` below 1 is refused."""

@@ -74,9 +74,8 @@ class PSGD(Optimizer):
             multiple of the running RMS (EMA, beta 0.9) of the block's earlier guarded updates: Newton-type
             steps grow without bound where the curvature vanishes (``P ~ |H|^-1``), and one gradient spike
             there then moves the parameters far (:func:`~.update.guard_scales`). Sustained growth passes at
-            most ``r`` per step with ``(1 - 0.9 / r) / 0.1 = max_update_growth``: about 1.035 at the default 1.3
-            (1.125 at 2.0 let a LoRA fine-tune's steps compound 9% per step until its loss tripled). ``None``:
-            no growth cap.
+            most ``r = 0.9 + 0.1 max_update_growth`` per step: 1.03 at the default 1.3 (1.10 at 2.0 let a LoRA
+            fine-tune's steps compound 9% per step until its loss tripled). ``None``: no growth cap.
         adam_floor: with ``curvature="whiten"``, ``P m`` scaled up, where smaller, to ``adam_floor``
             times the RMS of Adam's step for ``m`` with one second moment per block
             (:func:`~.update.adam_floors`): whitening takes far smaller steps than Adam where gradients

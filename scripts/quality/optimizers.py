@@ -15,6 +15,7 @@ compiled kernels run eagerly), as in ``bench_step_cost.py``.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.metadata
@@ -76,13 +77,30 @@ def set_learning_rate(optimizer: OptimizerLike, lr: float) -> None:
 
 
 @functools.cache
-def psgd_code_hash() -> str:
-    """A short hash of hf_psgd's optimizer sources: PSGD results are reused only while the code is unchanged."""
-    root = Path(hf_psgd.__file__).parent / "optim"
+class _DropStrings(ast.NodeTransformer):
+    """Removes every statement that is a bare string (docstrings): it cannot change what the code does."""
+
+    def visit_Expr(self, node: ast.Expr) -> ast.Expr | None:
+        is_string = isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        return None if is_string else node
+
+
+def code_hash(root: Path) -> str:
+    """A short hash of the Python code under ``root``: each file's syntax tree without its docstrings, so
+    docstrings, comments and formatting leave it unchanged and any change to what the code does moves it."""
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+        tree = _DropStrings().visit(ast.parse(path.read_text()))
+        digest.update(str(path.relative_to(root)).encode() + ast.dump(tree).encode())
     return digest.hexdigest()[:10]
+
+
+@functools.cache
+def psgd_code_hash() -> str:
+    """A short hash of hf_psgd's optimizer code (:func:`code_hash`): PSGD results are reused only while the
+    code is unchanged. Taken once per process, when the suite starts (the code it imported then), so an edit
+    while it runs does not file its later runs under the edited code's hash."""
+    return code_hash(Path(hf_psgd.__file__).parent / "optim")
 
 
 def parse_psgd_options(text: str | None, task_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
