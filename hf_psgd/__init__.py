@@ -7,7 +7,7 @@ SFT ones) on first access, so ``from hf_psgd import PSGD`` stays light.
 from importlib import import_module
 from typing import Any
 
-from .optim import PRECONDITIONERS, PSGD, register_preconditioner
+from .optim import PRECONDITIONERS, PSGD, learning_rate_from_adamw, register_preconditioner
 
 __version__ = "0.3.0"
 
@@ -20,7 +20,7 @@ _LAZY = {
     "PSGDSFTTrainer": "hf_psgd.integrations.trl",
 }
 
-__all__ = ["PRECONDITIONERS", "PSGD", "register_preconditioner", *_LAZY]
+__all__ = ["PRECONDITIONERS", "PSGD", "learning_rate_from_adamw", "register_preconditioner", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,11 +20,11 @@ A benchmark for choosing PSGD's defaults on many tasks rather than on one recipe
   ``digits-autoencoder-hvp`` (a deep autoencoder of the digits images).
 
 Optimizers (``scripts/quality/optimizers.py``): ``adamw`` at the best of a learning-rate sweep (four points per
-task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(...))`` (``--psgd-lr-rule``: by default tuned AdamW's
-rate on the task) and nothing else but what a task is about
-(``Task.psgd_options``) and ``--psgd-options``; the anchors ``kron-torch`` (``Kron``), ``heavyball``
-(``PSGDKron``) and ``psgd-torch`` (``Kron``, whitening), each at the best of a three-point sweep, and on the
-exact-H v tasks ``psgd-torch-newton`` (psgd-torch's ``Kron`` on exact H v, the same curvature) at the best of four;
+task); ``psgd``, ``hf_psgd.PSGD(params, lr=psgd_lr(...))`` (``--psgd-lr-rule``: by default
+``hf_psgd.learning_rate_from_adamw`` of tuned AdamW's rate on the task, ``min(2 a, 3e-3)``) and nothing else
+but what a task is about (``Task.psgd_options``) and ``--psgd-options``; the anchors ``kron-torch`` (``Kron``),
+``heavyball`` (``PSGDKron``) and ``psgd-torch`` (``Kron``, whitening), each at the best of a three-point sweep, and on
+the exact-H v tasks ``psgd-torch-newton`` (psgd-torch's ``Kron`` on exact H v, the same curvature) at the best of four;
 each optional (a missing package is reported and skipped; ``pip install -e '.[anchors]'``). A sweep runs on the
 first seed and chooses by held-out loss; the chosen learning rate then runs on every seed. Every optimizer shares the
 schedule (linear warm-up over 5% of the steps, cosine to zero), the steps and, per seed, the model
@@ -41,6 +41,7 @@ interrupted suite resumes.
     python scripts/bench_quality.py --only psgd                      # PSGD only; the rest from the cache
     python scripts/bench_quality.py --only psgd --psgd-options whiten_momentum=True --label whiten-momentum
     python scripts/bench_quality.py --only psgd --psgd-lr-scale 3 --label lr-x3     # the learning-rate rule
+    python scripts/bench_quality.py --only psgd --psgd-lr-rule adamw-1x --label adamw-1x   # the rule before it
     python scripts/bench_quality.py --quick                          # smoke test: 4 steps, 1 seed, temporary cache
     python scripts/bench_quality.py --estimate 5                     # time 5 steps each, extrapolate the suite
 """
@@ -59,20 +60,23 @@ from typing import Any
 import torch
 from quality.cache import ResultCache
 from quality.estimate import estimate
-from quality.optimizers import OPTIMIZER_NAMES, parse_psgd_options
+from quality.optimizers import OPTIMIZER_NAMES, parse_psgd_options, psgd_code_hash
 from quality.report import TaskResult, render
 from quality.suite import Suite
 from quality.tasks import TASKS, TASKS_BY_NAME, Task
 
-from hf_psgd.optim import default_learning_rate
+from hf_psgd.optim import default_learning_rate, learning_rate_from_adamw
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_FOLDER = Path(tempfile.gettempdir()) / "hf_psgd_quality_quick"
 
 
 LR_RULES = {
-    "adamw": "with whitening tuned AdamW's rate on the task (the rate a user swapping optimizers already has); with "
-    "curvature hvp or fd, whose steps are Newton-type and have no AdamW counterpart, PSGD's default for it",
+    "adamw": "with whitening min(2 x tuned AdamW's rate on the task, 3e-3), hf_psgd.learning_rate_from_adamw (from "
+    "the rate a user swapping optimizers already has); with curvature hvp or fd, whose steps are Newton-type and "
+    "have no AdamW counterpart, PSGD's default for it",
+    "adamw-1x": "with whitening tuned AdamW's rate on the task itself (the suite's rule before "
+    "learning_rate_from_adamw); hvp and fd as adamw",
     "default": "PSGD's default for the task's curvature, the same on every task",
 }
 
@@ -83,7 +87,9 @@ def psgd_lr(task: Task, adamw_lr: float | None, rule: str = "adamw", scale: floa
     curvature = task.psgd_options.get("curvature", "whiten")
     if rule == "default" or curvature != "whiten":
         return default_learning_rate(curvature) * scale
-    return None if adamw_lr is None else adamw_lr * scale
+    if adamw_lr is None:
+        return None
+    return (learning_rate_from_adamw(adamw_lr) if rule == "adamw" else adamw_lr) * scale
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{task.name}: {task.kind}; {task.model}; {task.steps} steps of batch {task.batch}")
         return
     began = time.perf_counter()
+    psgd_code_hash()  # the code imported now: later edits do not move this process's runs to another hash
     torch.set_num_threads(args.threads)
     quiet_libraries()
     suite = make_suite(args, tasks)

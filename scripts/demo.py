@@ -1,11 +1,11 @@
 """Demo: PSGD-Kron and AdamW side by side on a tiny byte-level GPT (offline, CPU, about a minute).
 
 Both optimizers train the same model from the same initialisation on the same batches of Python
-standard-library source, at the same learning rate (PSGD's default, 1e-3: the rule the quality suite
-measured is to keep AdamW's rate); the script prints both training losses as it goes and the
-held-out losses at the end.
+standard-library source, AdamW at ``--lr`` and PSGD at the rate the quality suite's rule gives for it
+(``hf_psgd.learning_rate_from_adamw``: ``min(2 lr, 3e-3)``) unless ``--psgd-lr`` sets one; the script prints
+both training losses as it goes and the held-out losses at the end.
 
-    python scripts/demo.py [--steps 300] [--lr 1e-3]
+    python scripts/demo.py [--steps 300] [--lr 1e-3] [--psgd-lr 2e-3]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 from tiny_gpt import GPTConfig, TinyGPT, random_batch, stdlib_bytes
 
-from hf_psgd import PSGD
+from hf_psgd import PSGD, learning_rate_from_adamw
 
 
 def held_out_loss(model: TinyGPT, corpus: torch.Tensor, config: GPTConfig, batches: int = 20) -> float:
@@ -30,10 +30,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of both optimizers")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate")
+    parser.add_argument("--psgd-lr", type=float, help="PSGD's learning rate (default: learning_rate_from_adamw(--lr))")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    psgd_lr = learning_rate_from_adamw(args.lr) if args.psgd_lr is None else args.psgd_lr
+    print(f"learning rates: AdamW {args.lr:g}, PSGD-Kron {psgd_lr:g}")
 
     config = GPTConfig()
     corpus = stdlib_bytes()
@@ -43,7 +46,7 @@ def main() -> None:
     models = {"PSGD-Kron": TinyGPT(config)}
     models["AdamW"] = copy.deepcopy(models["PSGD-Kron"])
     optimizers = {
-        "PSGD-Kron": PSGD(models["PSGD-Kron"].parameters(), lr=args.lr),
+        "PSGD-Kron": PSGD(models["PSGD-Kron"].parameters(), lr=psgd_lr),
         "AdamW": torch.optim.AdamW(models["AdamW"].parameters(), lr=args.lr),
     }
     seconds = dict.fromkeys(models, 0.0)

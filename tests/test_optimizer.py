@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import rosenbrock
 
-from hf_psgd import PSGD
+from hf_psgd import PSGD, learning_rate_from_adamw
 from hf_psgd.optim import CURVATURE_DEFAULTS
 from hf_psgd.optim.preconditioners import kron
 from hf_psgd.optim.schedules import DEFAULT_UPDATE_SCHEDULE, update_probability
@@ -282,12 +282,22 @@ def test_kron_with_bf16_storage_applies_its_factors_in_bf16() -> None:
 def test_learning_rate_none_resolves_per_group_curvature_at_construction() -> None:
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     opt = PSGD([{"params": [a]}, {"params": [b], "curvature": "hvp"}])
-    assert [g["lr"] for g in opt.param_groups] == [1e-3, 0.3]
+    assert [g["lr"] for g in opt.param_groups] == [3e-3, 0.3]
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
-    assert scheduler.get_last_lr() == [5e-4, 0.15]
+    assert scheduler.get_last_lr() == [1.5e-3, 0.15]
     assert PSGD([a], lr=0.02, curvature="hvp").param_groups[0]["lr"] == 0.02
     with pytest.raises(ValueError, match=r"lr=-1.0 is invalid: expected None \(the curvature's default\)"):
         PSGD([a], lr=-1.0)
+
+
+def test_learning_rate_from_adamw_doubles_whitening_rates_up_to_the_ceiling() -> None:
+    """``min(2 a, 3e-3)`` with whitening; the Newton-type curvatures keep their own default whatever AdamW's."""
+    assert [learning_rate_from_adamw(a) for a in (2e-5, 1e-3, 1.5e-3, 2e-3, 1e-2)] == [4e-5, 2e-3, 3e-3, 3e-3, 3e-3]
+    assert learning_rate_from_adamw(1e-2, "hvp") == learning_rate_from_adamw(1e-5, "fd") == 0.3
+    with pytest.raises(ValueError, match=r"adamw_lr=-0.001 is invalid: expected a finite number > 0"):
+        learning_rate_from_adamw(-1e-3)
+    with pytest.raises(ValueError, match=r"curvature='newton' is invalid: expected one of"):
+        learning_rate_from_adamw(1e-3, "newton")
 
 
 def test_fit_step_and_damping_none_resolve_per_group_curvature_at_construction() -> None:

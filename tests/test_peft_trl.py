@@ -122,7 +122,7 @@ def test_sft_config_learning_rate_defaults(tmp_path: Path) -> None:
     """``PSGDSFTConfig``: PSGD's default for the curvature with a PSGD name, SFTConfig's own (2e-5) otherwise."""
     common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     assert PSGDSFTConfig(**common, optim="psgd_kron", optim_args="curvature=hvp").learning_rate == 0.3
-    assert PSGDSFTConfig(**common, optim="psgd_lra").learning_rate == 1e-3
+    assert PSGDSFTConfig(**common, optim="psgd_lra").learning_rate == 3e-3
     assert PSGDSFTConfig(**common).learning_rate == SFTConfig(**common).learning_rate == 2e-5
     assert PSGDSFTConfig(**common, optim="psgd_kron", learning_rate=0.05).learning_rate == 0.05
 

@@ -56,16 +56,19 @@ def test_digits_quick_run_psgd_far_above_chance(tmp_path: Path) -> None:
 
 
 def test_quality_suite_learning_rate_rule(monkeypatch) -> None:
-    """PSGD's rate in the quality suite: tuned AdamW's with whitening (``None`` until AdamW's is known), PSGD's
-    per-curvature default with exact H v, and under the ``default`` rule; times the scale."""
+    """PSGD's rate in the quality suite: with whitening ``learning_rate_from_adamw`` of tuned AdamW's (``None``
+    until AdamW's is known), AdamW's own under ``adamw-1x``; PSGD's per-curvature default with exact H v and under
+    the ``default`` rule; times the scale."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     bench = importlib.import_module("bench_quality")
     tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
     whiten, hvp = tasks["friedman-mlp"], tasks["friedman-mlp-hvp"]
-    assert bench.psgd_lr(whiten, 0.01) == 0.01 and bench.psgd_lr(whiten, None) is None
-    assert bench.psgd_lr(whiten, 0.01, scale=0.5) == 0.005
+    assert bench.psgd_lr(whiten, 0.01) == 3e-3 and bench.psgd_lr(whiten, 1e-3) == 2e-3
+    assert bench.psgd_lr(whiten, None) is None
+    assert bench.psgd_lr(whiten, 1e-3, scale=0.5) == 1e-3
+    assert bench.psgd_lr(whiten, 0.01, rule="adamw-1x") == 0.01
     assert bench.psgd_lr(hvp, 0.01) == bench.psgd_lr(hvp, None) == 0.3
-    assert bench.psgd_lr(whiten, 0.01, rule="default") == 1e-3
+    assert bench.psgd_lr(whiten, 0.01, rule="default") == 3e-3
 
 
 def test_psgd_code_hash_ignores_docstrings_and_comments_but_not_code(monkeypatch, tmp_path: Path) -> None:

@@ -298,7 +298,7 @@ def test_plain_trainer_with_hvp_says_to_use_psgd_trainer(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("optim", "optim_args", "expected"),
-    [("psgd_kron", None, 1e-3), ("psgd_kron", "curvature=hvp", 0.3), ("psgd_diag", "curvature=whiten", 1e-3)],
+    [("psgd_kron", None, 3e-3), ("psgd_kron", "curvature=hvp", 0.3), ("psgd_diag", "curvature=whiten", 3e-3)],
 )
 def test_learning_rate_defaults_to_psgd_default_for_the_curvature(
     tmp_path: Path, caplog, optim: str, optim_args: str | None, expected: float
@@ -321,7 +321,7 @@ def test_learning_rate_given_is_kept_and_other_optimizers_keep_trainers_default(
     parser = HfArgumentParser(PSGDTrainingArguments)
     assert parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])[0].learning_rate == 5e-5
     (given,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "psgd_kron"])
-    assert given.learning_rate == 1e-3
+    assert given.learning_rate == 3e-3
 
 
 def test_pin_memory_defaults_to_whether_an_accelerator_is_present(tmp_path: Path) -> None:

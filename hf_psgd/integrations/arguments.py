@@ -188,7 +188,8 @@ class PSGDArgumentsMixin:
         metadata={
             "help": "The initial learning rate. Default: with a PSGD optimizer PSGD's default for its curvature "
             f"(whiten {default_learning_rate('whiten'):g}, hvp and fd {default_learning_rate('hvp'):g}); "
-            "otherwise the Trainer's default"
+            "otherwise the Trainer's default. From an AdamW rate a, whitening: hf_psgd.learning_rate_from_adamw(a) "
+            "= min(2a, 3e-3)"
         },
     )
 
@@ -210,7 +211,12 @@ class PSGDArgumentsMixin:
         if self.learning_rate is None:
             curvature = kwargs.get("curvature", PSGD.option_specs()["curvature"][0])
             self.learning_rate = default_learning_rate(curvature)
-            logger.info("learning_rate not given: %g, PSGD's default for curvature=%s", self.learning_rate, curvature)
+            logger.info(
+                "learning_rate not given: %g, PSGD's default for curvature=%s (from an AdamW rate: "
+                "hf_psgd.learning_rate_from_adamw)",
+                self.learning_rate,
+                curvature,
+            )
         if self.deepspeed:
             raise ValueError(
                 f"optim={name!r} does not run under DeepSpeed (deepspeed={self.deepspeed!r}): ZeRO hands the "

@@ -19,24 +19,28 @@ from .schedules import validate_schedule
 from .validation import check, dtype_name, is_int, is_number, refuse_unknown
 
 __all__ = [
+    "ADAMW_LR_MULTIPLIER",
     "CURVATURE_DEFAULTS",
     "DEFAULT_LEARNING_RATES",
+    "MAX_LR_FROM_ADAMW",
     "check_param_group",
     "default_learning_rate",
     "fill_missing_options",
+    "learning_rate_from_adamw",
     "merge_defaults",
     "option_specs",
     "validate_group",
 ]
 
 #: Options given as ``None`` resolve to these, per curvature, in each param group at construction. Whitening
-#: steps ``P m`` are RMS-normalised like Adam's, so Adam-sized rates suit them, and its fit follows a moving
-#: gradient covariance (``precond_lr`` 0.2); ``hvp`` / ``fd`` steps are Newton-type (``P ~ |H|^-1``:
-#: parameter units), fitted more slowly to a less noisy target, and damped (``P -> |H + damping I|^-1``) so
-#: that they stay bounded where the curvature vanishes (a classifier that has memorised its data). Chosen
-#: on the quality suite (``scripts/README.md``).
+#: steps ``P m`` are RMS-normalised like Adam's, so Adam-sized rates suit them (3e-3: the better of 1e-3 and 3e-3
+#: on all six of the suite's whitening tasks trained from scratch), and its fit follows a moving gradient covariance
+#: (``precond_lr`` 0.2); ``hvp`` / ``fd`` steps are Newton-type (``P ~ |H|^-1``: parameter units; rate 0.3:
+#: 0.6 blew up a LoRA fine-tune), fitted more slowly to a less noisy target, and damped
+#: (``P -> |H + damping I|^-1``) so that they stay bounded where the curvature vanishes (a classifier that has
+#: memorised its data). Chosen on the quality suite (``scripts/README.md``).
 CURVATURE_DEFAULTS: dict[str, dict[str, float]] = {
-    "whiten": {"lr": 1e-3, "precond_lr": 0.2, "damping": 1e-9},
+    "whiten": {"lr": 3e-3, "precond_lr": 0.2, "damping": 1e-9},
     "hvp": {"lr": 0.3, "precond_lr": 0.1, "damping": 1e-2},
     "fd": {"lr": 0.3, "precond_lr": 0.1, "damping": 1e-2},
 }
@@ -49,6 +53,29 @@ def default_learning_rate(curvature: str) -> float:
     """PSGD's learning rate when none is given, for a curvature source (:data:`DEFAULT_LEARNING_RATES`)."""
     check("curvature", curvature, curvature in DEFAULT_LEARNING_RATES, f"one of {list(DEFAULT_LEARNING_RATES)}")
     return DEFAULT_LEARNING_RATES[curvature]
+
+
+#: The rule from AdamW's learning rate ``a`` to PSGD's with whitening: ``min(2 a, 3e-3)``
+#: (:func:`learning_rate_from_adamw`).
+ADAMW_LR_MULTIPLIER = 2.0
+#: the rule's ceiling, whitening's default rate: on the quality suite PSGD's best rate was 3e-3 on four of five
+#: tasks where AdamW's was 3e-3 or more
+MAX_LR_FROM_ADAMW = DEFAULT_LEARNING_RATES["whiten"]
+
+
+def learning_rate_from_adamw(adamw_lr: float, curvature: str = "whiten") -> float:
+    """PSGD's learning rate for a task on which AdamW trains well at ``adamw_lr``. With whitening, whose steps
+    are RMS-normalised like Adam's: ``min(2 adamw_lr, 3e-3)``. Twice AdamW's rate, because the whitened
+    direction allows larger steps (on the quality suite PSGD's best rate was 1.5-3x AdamW's on the language
+    models and 2x on the pretrained fine-tune), but at most 3e-3, whitening's default rate: where AdamW's best
+    was 3e-3 or 1e-2, PSGD's was 3e-3 on four of five tasks, and 6e-3 blew up a LoRA fine-tune
+    (``scripts/README.md``, ninth ablation). ``hvp`` / ``fd`` steps are Newton-type, with no AdamW
+    counterpart: the curvature's default."""
+    check("adamw_lr", adamw_lr, is_number(adamw_lr) and adamw_lr > 0, "a finite number > 0")
+    rate = default_learning_rate(curvature)
+    if curvature != "whiten":
+        return rate
+    return min(ADAMW_LR_MULTIPLIER * float(adamw_lr), MAX_LR_FROM_ADAMW)
 
 
 #: param-group keys that are not options: torch.optim's own, learning-rate schedulers', a label
