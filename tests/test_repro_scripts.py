@@ -150,13 +150,12 @@ def test_quality_report_best_anchor_counts_the_newton_anchor_where_it_ran(monkey
     monkeypatch.syspath_prepend(str(SCRIPTS))
     report = importlib.import_module("quality.report")
     tasks = importlib.import_module("quality.tasks").TASKS_BY_NAME
-    entry = _entry
 
     def result(task: str, newton: list[float], newton_grid: tuple[float, ...]) -> object:
-        entries = {"adamw": entry("adamw", [1.0, 1.0]), "psgd": entry("psgd", [0.9, 0.9])}
-        entries |= {name: entry(name, [0.8, 0.8]) for name in ("kron-torch", "heavyball")}
-        entries["psgd-torch"] = entry("psgd-torch", [0.7])  # one seed of two: not complete, not counted
-        entries["psgd-torch-newton"] = entry("psgd-torch-newton", newton, newton_grid)
+        entries = {"adamw": _entry("adamw", [1.0, 1.0]), "psgd": _entry("psgd", [0.9, 0.9])}
+        entries |= {name: _entry(name, [0.8, 0.8]) for name in ("kron-torch", "heavyball")}
+        entries["psgd-torch"] = _entry("psgd-torch", [0.7])  # one seed of two: not complete, not counted
+        entries["psgd-torch-newton"] = _entry("psgd-torch-newton", newton, newton_grid)
         return report.TaskResult(tasks[task], entries, 0.1)
 
     whiten, hvp = result("digits-lenet", [], ()), result("digits-lenet-hvp", [0.6, 0.6], (0.3,))

@@ -76,7 +76,6 @@ def set_learning_rate(optimizer: OptimizerLike, lr: float) -> None:
         optimizer.lr_params = lr
 
 
-@functools.cache
 class _DropStrings(ast.NodeTransformer):
     """Removes every statement that is a bare string (docstrings): it cannot change what the code does."""
 
