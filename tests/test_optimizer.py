@@ -247,7 +247,13 @@ def test_decoupled_weight_decay() -> None:
 def test_statistics_report_fits_skips_probability_and_scale() -> None:
     x, y = _param(4, 3), _param(5, seed=1)
     opt = PSGD([{"params": [x]}, {"params": [y], "preconditioner": "diag"}], precond_update_prob=0.5)
-    assert opt.statistics() == {"precond_updates": 0.0, "skipped_steps": 0.0, "update_prob": 0.0, "rejected_fits": 0.0}
+    assert opt.statistics() == {
+        "precond_updates": 0.0,
+        "skipped_steps": 0.0,
+        "update_prob": 0.0,
+        "rejected_fits": 0.0,
+        "clipped_updates": 0.0,
+    }
     for _ in range(4):
         x.grad, y.grad = torch.randn(4, 3), torch.randn(5)
         opt.step()

@@ -278,7 +278,7 @@ def test_non_finite_gradient_skips_a_sharded_step_without_touching_state() -> No
     skipped = opt.state_dict()
     for p, old in zip(layer.parameters(), params):
         assert torch.equal(p, old)
-    counters = ("skipped_steps", "step", "update_credit", "precond_updates", "rejected_fits")
+    counters = ("skipped_steps", "step", "update_credit", "precond_updates", "rejected_fits", "clipped_updates")
     for index, entry in state["state"].items():
         assert skipped["state"][index]["skipped_steps"] == entry["skipped_steps"] + 1
         assert skipped["state"][index]["step"] == entry["step"] + 1  # the schedule moves on

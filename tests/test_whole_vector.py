@@ -335,6 +335,7 @@ def test_guard_and_weight_decay_act_on_the_whole_block(preconditioner: str) -> N
         precond_init_scale=1.0,
         precond_lr=1e-6,
         max_update_rms=0.5,
+        max_update_amplitude=None,
     )
     small.grad, large.grad = torch.full((3,), 1e-3), torch.full((5,), 1e6)
     opt.step()

@@ -11,8 +11,8 @@ Compose :class:`PSGDTrainerMixin` with any Trainer subclass (placed first in the
   over processes itself; other steps are Trainer's own;
 * under multi-process training, gathers PSGD's sharded preconditioner state before Trainer saves
   ``optimizer.pt`` (the checkpoint is the same at every world size and resumes at any other);
-* adds PSGD's figures (``psgd/precond_updates``, ``psgd/rejected_fits``, ``psgd/skipped_steps``,
-  ``psgd/update_prob``, ``psgd/precond_scale_min|median|max``) to the training logs.
+* adds PSGD's figures (``psgd/precond_updates``, ``psgd/rejected_fits``, ``psgd/clipped_updates``,
+  ``psgd/skipped_steps``, ``psgd/update_prob``, ``psgd/precond_scale_min|median|max``) to the training logs.
 
 Gradient clipping (``max_grad_norm``) still acts on ``p.grad`` after the averaged gradient is in
 place, exactly as for any optimizer. It does not touch ``H v``: the preconditioner is fitted from

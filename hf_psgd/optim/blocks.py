@@ -60,6 +60,7 @@ class BlockPlan:
             state["momentum"] = torch.zeros(self.shape, dtype=first.dtype, device=first.device)
         state["precond_updates"] = 0
         state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=first.device)
+        state["clipped_updates"] = torch.zeros((), dtype=torch.int64, device=first.device)  # .update.clip_amplitudes_
         state["grad_energy"] = torch.zeros(2, dtype=torch.float32, device=first.device)  # .update.adam_floors
         state["update_rms"] = torch.zeros(2, dtype=torch.float32, device=first.device)  # .update.guard_scales
         state["scale_pending"] = group["precond_init_scale"] is None
@@ -138,22 +139,22 @@ def work_dtype(group: Mapping[str, Any], param: Tensor) -> torch.dtype:
 def block_statistics(blocks: Sequence[tuple[BlockPlan, Mapping[str, Any]]]) -> dict[str, float]:
     """Figures for training logs over ``(plan, state)`` pairs of owned blocks: ``precond_updates``
     (fits tried, summed over blocks), ``rejected_fits`` (fits undone: a stall or a non-finite result,
-    see :mod:`.fitting`; summed), ``skipped_steps`` (of the most-skipped block), ``update_prob``
+    see :mod:`.fitting`; summed), ``clipped_updates`` (steps whose whitened update had elements clipped,
+    :func:`~.update.clip_amplitudes_`; summed), ``skipped_steps`` (of the most-skipped block), ``update_prob``
     (largest current update probability) and ``precond_scale_min|median|max`` (of ``tr(P) / n``: a
     health figure; the extremes can come from parameters with little or no gradient, such as
     attention key biases). Two host syncs; meant for logging steps."""
-    updates, skipped, probability, scales, rejected = 0, 0, 0.0, [], []
+    updates, skipped, probability, scales, rejected, clipped = 0, 0, 0.0, [], [], []
     for plan, state in blocks:
         updates += state["precond_updates"]
         rejected.append(state["rejected_fits"])
+        clipped.append(state["clipped_updates"])
         skipped = max(skipped, int(state["skipped_steps"]))
         probability = max(probability, update_probability(plan.schedule, state["step"]))
         scales.append(plan.family.mean_diagonal(state))
     figures = {"precond_updates": float(updates), "skipped_steps": float(skipped), "update_prob": probability}
-    if rejected:
-        figures["rejected_fits"] = float(torch.stack([r.to(rejected[0].device) for r in rejected]).sum())
-    else:
-        figures["rejected_fits"] = 0.0
+    for name, counts in (("rejected_fits", rejected), ("clipped_updates", clipped)):
+        figures[name] = float(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0.0
     if scales:
         stacked = torch.stack([s.to(scales[0].device) for s in scales])
         low, middle, high = torch.stack([stacked.min(), stacked.median(), stacked.max()]).tolist()

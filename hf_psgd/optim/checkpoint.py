@@ -28,13 +28,15 @@ def copy_to_device(value: Any, device: torch.device) -> Any:
 def upgrade_loaded_state(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A block's loaded state in today's form: a state saved by hf_psgd 0.2.0 or older counts
     ``skipped_steps`` in an int and, on the block's owner, has no ``rejected_fits`` until its first fit;
-    both are device tensors now (counted with no host sync). An owner's state saved before 0.3.0 has no
+    both are device tensors now (counted with no host sync). An owner's state saved before the clip of whitened
+    steps has no ``clipped_updates`` (it counts from zero); one saved before 0.3.0 has no
     ``grad_energy`` (Adam's floor) and none saved before the growth cap has ``update_rms``: each starts from
     zero, as in a new state (its EMA bias-corrected; the growth cap starts again at the next update)."""
     if not isinstance(state.get("skipped_steps"), Tensor):
         state["skipped_steps"] = torch.tensor(state.get("skipped_steps", 0), device=device)
-    if "precond_updates" in state and "rejected_fits" not in state:
-        state["rejected_fits"] = torch.zeros((), dtype=torch.int64, device=device)
+    for key in ("rejected_fits", "clipped_updates"):
+        if "precond_updates" in state and key not in state:
+            state[key] = torch.zeros((), dtype=torch.int64, device=device)
     for key in ("grad_energy", "update_rms"):
         if "precond_updates" in state and key not in state:
             state[key] = torch.zeros(2, dtype=torch.float32, device=device)

@@ -72,10 +72,9 @@ def learning_rate_from_adamw(adamw_lr: float, curvature: str = "whiten") -> floa
     (``scripts/README.md``, ninth ablation). ``hvp`` / ``fd`` steps are Newton-type, with no AdamW
     counterpart: the curvature's default."""
     check("adamw_lr", adamw_lr, is_number(adamw_lr) and adamw_lr > 0, "a finite number > 0")
-    rate = default_learning_rate(curvature)
-    if curvature != "whiten":
-        return rate
-    return min(ADAMW_LR_MULTIPLIER * float(adamw_lr), MAX_LR_FROM_ADAMW)
+    if curvature == "whiten":
+        return min(ADAMW_LR_MULTIPLIER * float(adamw_lr), MAX_LR_FROM_ADAMW)
+    return default_learning_rate(curvature)
 
 
 #: param-group keys that are not options: torch.optim's own, learning-rate schedulers', a label
@@ -155,6 +154,13 @@ def _validate_shell_options(group: dict[str, Any]) -> None:
     check("precond_init_scale", scale, scale is None or (num(scale) and scale > 0), "None or a finite number > 0")
     rms = group["max_update_rms"]
     check("max_update_rms", rms, rms is None or (num(rms) and rms > 0), "None (no guard) or a finite number > 0")
+    amplitude = group["max_update_amplitude"]
+    check(
+        "max_update_amplitude",
+        amplitude,
+        amplitude is None or (num(amplitude) and amplitude > 0),
+        "None (no clip) or a finite number > 0",
+    )
     growth = group["max_update_growth"]
     check(
         "max_update_growth",

@@ -1,5 +1,5 @@
-"""The parameter update: the non-finite check, the update-size guard (with Adam's floor and, for
-Newton-type steps, the growth cap) and the decoupled weight-decay step.
+"""The parameter update: the non-finite check, the elementwise clip of whitened steps, the update-size guard
+(with Adam's floor and, for Newton-type steps, the growth cap) and the decoupled weight-decay step.
 
 Plain functions over lists of tensors, as ``torch.optim.adamw``'s functional core: the shell
 gathers the blocks' updates ``u = P m`` and calls them once per step. None of them synchronises with
@@ -21,6 +21,7 @@ __all__ = [
     "adam_floors",
     "all_finite",
     "apply_updates_",
+    "clip_amplitudes_",
     "guard_scales",
     "tensor_norms",
 ]
@@ -77,6 +78,28 @@ def adam_floors(
     torch._foreach_copy_(list(energies), list(moved.unbind()))
     second_moment = moved[:, 0] / moved[:, 1].clamp_min(torch.finfo(moved.dtype).tiny)
     return list((rms / second_moment.sqrt().clamp_min(1e-30)).unbind())
+
+
+def clip_amplitudes_(updates: Sequence[Tensor], limits: Sequence[float | None]) -> list[Tensor | None]:
+    """Every element of each ``u`` clamped in place to ``[-a, a]`` (``a`` from ``limits``; ``None``: ``u``
+    untouched); returns per ``u`` whether any element was beyond ``a`` (0-dim bool, no host sync; ``None``
+    where untouched). A whitened step ``P m`` has an RMS of about 1, but where ``P`` grew to its damping bound
+    (an element whose gradient vanished for many fits, e.g. the embedding row of an absent token, fitted
+    elementwise by Diag or LRA's diagonal) one returning gradient gives elements far above it, and the guard's
+    one factor per block (:func:`guard_scales`) would then shrink the whole block's step. One
+    ``_foreach_norm`` (the largest magnitude) and two clamps per limit."""
+    clipped: list[Tensor | None] = [None] * len(updates)
+    by_limit: dict[float, list[int]] = {}
+    for index, limit in enumerate(limits):
+        if limit is not None:
+            by_limit.setdefault(float(limit), []).append(index)
+    for limit, members in by_limit.items():
+        chosen = [updates[i] for i in members]
+        for i, largest in zip(members, torch._foreach_norm(chosen, math.inf)):
+            clipped[i] = largest > limit
+        torch._foreach_clamp_min_(chosen, -limit)
+        torch._foreach_clamp_max_(chosen, limit)
+    return clipped
 
 
 def guard_scales(

@@ -71,6 +71,10 @@ class Preconditioner(ABC):
     #: With whitening (``v`` independent of ``h``) the family can take ``E_v`` in closed form and is
     #: called with ``v=None``; it then adds the damping term ``damping^2 I`` to ``E[h h^T]`` itself.
     integrates_probe: ClassVar[bool] = False
+    #: The family fits a separate scale for every element (Diag, the diagonals of LRA and XMat), so an element's
+    #: ``P`` can reach its damping bound alone where its gradient vanishes: its whitened updates are clipped
+    #: elementwise (``max_update_amplitude``, :func:`~..update.clip_amplitudes_`).
+    elementwise_scales: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -32,6 +32,7 @@ class Diag(Preconditioner):
     name = "diag"
     state_keys = ("q",)
     scope = "tensor"
+    elementwise_scales = True
 
     @classmethod
     def init_state(

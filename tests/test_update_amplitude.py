@@ -1,0 +1,79 @@
+"""The elementwise clip of whitened updates (``max_update_amplitude``): an elementwise ``P`` grows to its
+damping bound where a gradient vanishes for long, and the element's returning gradient must not make the
+guard shrink the step of the whole block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_psgd import PSGD
+from hf_psgd.optim.update import clip_amplitudes_
+
+
+def test_clip_amplitudes_clamps_every_element_and_reports_the_clipped_blocks() -> None:
+    big = torch.tensor([50.0, -30.0, 0.5, -2.0])
+    small, other = torch.tensor([1.0, -9.0]), torch.tensor([100.0])
+    clipped = clip_amplitudes_([big, small, other], [10.0, 10.0, None])
+    assert torch.equal(big, torch.tensor([10.0, -10.0, 0.5, -2.0]))
+    assert torch.equal(small, torch.tensor([1.0, -9.0])) and torch.equal(other, torch.tensor([100.0]))
+    assert bool(clipped[0]) and not bool(clipped[1]) and clipped[2] is None
+
+
+def _returning_rows_step(preconditioner: str, **options: object) -> tuple[float, float, PSGD]:
+    """A 64 x 8 table whose last row gets no gradient for 150 steps (an absent token's embedding row), then
+    one: the step of the always-present rows at the return, over their step just before (1 when the
+    returning row leaves them alone), the largest step in the returning row, and the optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.nn.Parameter(torch.zeros(64, 8))
+    opt = PSGD([table], lr=1e-2, preconditioner=preconditioner, precond_update_prob=1.0, **options)
+    steps = []
+    for step in range(152):
+        grad = torch.randn(64, 8, generator=gen)
+        if step < 151:
+            grad[63:] = 0.0
+        before = table.detach().clone()
+        table.grad = grad
+        opt.step()
+        steps.append(table.detach() - before)
+    present = steps[-1][:63].norm() / steps[-2][:63].norm()
+    return float(present), float(steps[-1][63:].abs().max()), opt
+
+
+@pytest.mark.parametrize("preconditioner", ["diag", "lra"])
+def test_a_returning_gradient_does_not_freeze_the_rest_of_the_block(preconditioner: str) -> None:
+    present, returning, opt = _returning_rows_step(preconditioner)
+    assert present > 0.5, f"the present rows' step shrank to {present:.2e} of the step before"
+    assert returning <= 1e-2 * 10.0 * 1.1 + 1e-6, "a returning row moved more than lr times the clip"
+    assert opt.statistics()["clipped_updates"] >= 1.0
+    unclipped, _, opt = _returning_rows_step(preconditioner, max_update_amplitude=None)
+    assert unclipped < 1e-2, f"without the clip the guard should freeze the block (got {unclipped:.2e})"
+    assert opt.statistics()["clipped_updates"] == 0.0
+
+
+def test_newton_steps_are_not_clipped() -> None:
+    """With exact H v the update is in parameter units: the clip does not apply."""
+    x = torch.nn.Parameter(torch.zeros(4))
+    scale = torch.tensor([1e-2, 1.0, 1.0, 1.0])  # curvature 1e-4 on the first element: Newton steps of ~1e3
+    opt = PSGD(
+        [x],
+        lr=1.0,
+        preconditioner="diag",
+        curvature="hvp",
+        precond_init_scale=100.0,
+        damping=1e-9,
+        max_update_rms=None,
+        max_update_growth=None,
+    )
+    largest = 0.0
+    for _ in range(3):
+        before = float(x.detach()[0])
+        opt.step(lambda: 0.5 * ((scale * (x - 5e3)) ** 2).sum())
+        largest = max(largest, abs(float(x.detach()[0]) - before))
+    assert largest > 100.0 and opt.statistics()["clipped_updates"] == 0.0
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "10"])
+def test_bad_max_update_amplitude_is_named(value: object) -> None:
+    with pytest.raises(ValueError, match="max_update_amplitude=.* is invalid"):
+        PSGD([torch.nn.Parameter(torch.zeros(2))], max_update_amplitude=value)
