@@ -71,10 +71,13 @@ class Preconditioner(ABC):
     #: With whitening (``v`` independent of ``h``) the family can take ``E_v`` in closed form and is
     #: called with ``v=None``; it then adds the damping term ``damping^2 I`` to ``E[h h^T]`` itself.
     integrates_probe: ClassVar[bool] = False
-    #: The family fits a separate scale for every element (Diag, the diagonals of LRA and XMat), so an element's
-    #: ``P`` can reach its damping bound alone where its gradient vanishes: its whitened updates are clipped
-    #: elementwise (``max_update_amplitude``, :func:`~..update.clip_amplitudes_`).
-    elementwise_scales: ClassVar[bool] = False
+    #: Whitened updates of this family are clipped elementwise (``max_update_amplitude``,
+    #: :func:`~..update.clip_amplitudes_`): it fits a separate scale for every element of a whole param group (LRA's
+    #: diagonal), so one element's ``P`` can reach its damping bound where its gradient vanishes,
+    #: and the guard's one factor for the group would then shrink every parameter's step. Diag drifts alike, per
+    #: tensor, where the clip cost the quality suite's fine-tunes more than it gained; XMat is not measured
+    #: (``scripts/README.md``, ninth ablation).
+    clips_whitened_updates: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

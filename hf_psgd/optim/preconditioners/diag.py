@@ -32,7 +32,6 @@ class Diag(Preconditioner):
     name = "diag"
     state_keys = ("q",)
     scope = "tensor"
-    elementwise_scales = True
 
     @classmethod
     def init_state(

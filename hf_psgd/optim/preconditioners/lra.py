@@ -71,7 +71,7 @@ class LRA(Preconditioner):
     name = "lra"
     state_keys = ("d", "U", "V", "lipschitz")
     scope = "group"
-    elementwise_scales = True
+    clips_whitened_updates = True
     options = LRAOptions
 
     @classmethod

@@ -54,7 +54,6 @@ class XMat(Preconditioner):
     name = "xmat"
     state_keys = ("a", "b")
     scope = "group"
-    elementwise_scales = True
 
     @classmethod
     def init_state(
