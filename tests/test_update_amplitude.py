@@ -40,13 +40,12 @@ def _returning_rows_step(preconditioner: str, **options: object) -> tuple[float,
     return float(present), float(steps[-1][63:].abs().max()), opt
 
 
-@pytest.mark.parametrize("preconditioner", ["lra"])
-def test_a_returning_gradient_does_not_freeze_the_rest_of_the_block(preconditioner: str) -> None:
-    present, returning, opt = _returning_rows_step(preconditioner)
+def test_a_returning_gradient_does_not_freeze_the_rest_of_the_block() -> None:
+    present, returning, opt = _returning_rows_step("lra")
     assert present > 0.5, f"the present rows' step shrank to {present:.2e} of the step before"
     assert returning <= 1e-2 * 10.0 * 1.1 + 1e-6, "a returning row moved more than lr times the clip"
     assert opt.statistics()["clipped_updates"] >= 1.0
-    unclipped, _, opt = _returning_rows_step(preconditioner, max_update_amplitude=None)
+    unclipped, _, opt = _returning_rows_step("lra", max_update_amplitude=None)
     assert unclipped < 1e-2, f"without the clip the guard should freeze the block (got {unclipped:.2e})"
     assert opt.statistics()["clipped_updates"] == 0.0
 
@@ -89,6 +88,26 @@ def test_only_lra_is_clipped(preconditioner: str, clipped: bool) -> None:
     largest = float(x.detach().abs().max()) / 1e-3
     assert (largest <= 10.0 + 1e-4) == clipped, f"largest step {largest:.3g} learning rates"
     assert opt.statistics()["clipped_updates"] == float(clipped)
+
+
+def test_a_skipped_step_is_neither_applied_nor_counted_as_clipped() -> None:
+    """An infinite gradient element masks the step: no parameter moves, and the clip its update (``P`` times
+    the momentum of the steps before) would have needed is not counted."""
+    x = torch.nn.Parameter(torch.zeros(36))
+    opt = PSGD([x], lr=1e-3, preconditioner="lra", precond_init_scale=100.0, precond_lr=1e-6)
+    x.grad = torch.ones(36)
+    opt.step()
+    assert opt.statistics()["clipped_updates"] == 1.0
+    moved = x.detach().clone()
+    grad = torch.ones(36)
+    grad[0] = float("inf")
+    x.grad = grad
+    opt.step()
+    assert torch.equal(x.detach(), moved) and int(opt.state[x]["skipped_steps"]) == 1
+    assert opt.statistics()["clipped_updates"] == 1.0
+    x.grad = torch.ones(36)
+    opt.step()
+    assert opt.statistics()["clipped_updates"] == 2.0
 
 
 @pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "10"])
