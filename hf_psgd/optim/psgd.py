@@ -70,14 +70,15 @@ class PSGD(Optimizer):
         precond_update_prob: a constant probability or a schedule dict (:mod:`.schedules`).
         precond_init_scale: initial ``Q = scale I``; ``None`` sets it from the first pair (:mod:`.fitting`).
         max_update_rms: guard: ``P m`` scaled down to this RMS per block; ``None`` disables it.
-        max_update_amplitude: with ``curvature="whiten"`` and a family that fits one scale per element of the
-            whole param group (``"lra"``), every element of ``P m`` clipped to ``[-a, a]`` before
+        max_update_amplitude: with ``curvature="whiten"`` and a family that fits one scale per element (or pair)
+            of the whole param group (``"lra"``, ``"xmat"``), every element of ``P m`` clipped to ``[-a, a]`` before
             the guard (whitened steps have an RMS of about 1; psgd_torch clips at 10): such a ``P`` grows to its
             damping bound where a gradient vanishes for long (an absent token's embedding row), and one
             returning gradient there would otherwise make the guard shrink every parameter's step
-            (:func:`~.update.clip_amplitudes_`); counted in ``clipped_updates``. ``None``: no clip. Kron, Dense,
-            Diag and XMat are not clipped: on Kron it changed nothing but the cost (1.04-1.06x -> 1.07-1.14x of
-            AdamW's iteration), on Diag it lost the MiniLM and LoRA fine-tunes more than it won the Llama.
+            (:func:`~.update.clip_amplitudes_`); counted in ``clipped_updates``. ``None``: no clip. Kron, Diag
+            and Dense are not clipped: on Kron it changed nothing but the cost (1.04-1.06x -> 1.07-1.14x of
+            AdamW's iteration), on Diag it lost the MiniLM and LoRA fine-tunes more than it won the Llama; Dense
+            is not measured.
         max_update_growth: with ``curvature="hvp"`` or ``"fd"``, ``P m`` scaled down, where larger, to this
             multiple of the running RMS (EMA, beta 0.9) of the block's earlier guarded updates: Newton-type
             steps grow without bound where the curvature vanishes (``P ~ |H|^-1``), and one gradient spike

@@ -85,7 +85,7 @@ def clip_amplitudes_(updates: Sequence[Tensor], limits: Sequence[float | None]) 
     untouched); returns per ``u`` whether any element was beyond ``a`` (0-dim bool, no host sync; ``None``
     where untouched). A whitened step ``P m`` has an RMS of about 1, but where ``P`` grew to its damping bound
     (an element whose gradient vanished for many fits, e.g. the embedding row of an absent token, fitted
-    elementwise by LRA's diagonal) one returning gradient gives elements far above it, and the guard's
+    elementwise by LRA's diagonal or XMat's pairs) one returning gradient gives elements far above it, and the guard's
     one factor per block (:func:`guard_scales`) would then shrink the whole block's step. One
     ``_foreach_norm`` (the largest magnitude) and two clamps per limit."""
     clipped: list[Tensor | None] = [None] * len(updates)

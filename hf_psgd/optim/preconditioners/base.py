@@ -72,10 +72,10 @@ class Preconditioner(ABC):
     #: called with ``v=None``; it then adds the damping term ``damping^2 I`` to ``E[h h^T]`` itself.
     integrates_probe: ClassVar[bool] = False
     #: Whitened updates of this family are clipped elementwise (``max_update_amplitude``,
-    #: :func:`~..update.clip_amplitudes_`): it fits a separate scale for every element of a whole param group (LRA's
-    #: diagonal), so one element's ``P`` can reach its damping bound where its gradient vanishes,
-    #: and the guard's one factor for the group would then shrink every parameter's step. Diag drifts alike, per
-    #: tensor, where the clip cost the quality suite's fine-tunes more than it gained; XMat is not measured
+    #: :func:`~..update.clip_amplitudes_`): it fits a separate scale for every element (LRA's diagonal) or pair
+    #: of elements (XMat) of a whole param group, so one element's ``P`` can reach its damping bound where its
+    #: gradient vanishes, and the guard's one factor for the group would then shrink every parameter's step. Diag
+    #: drifts alike, per tensor, where the clip cost the quality suite's fine-tunes more than it gained
     #: (``scripts/README.md``, ninth ablation).
     clips_whitened_updates: ClassVar[bool] = False
 

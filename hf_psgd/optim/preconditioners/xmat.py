@@ -54,6 +54,7 @@ class XMat(Preconditioner):
     name = "xmat"
     state_keys = ("a", "b")
     scope = "group"
+    clips_whitened_updates = True
 
     @classmethod
     def init_state(
