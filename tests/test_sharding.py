@@ -196,6 +196,7 @@ def _relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         ("preconditioner=kron,curvature=hvp,secant_pairs=true,apply_dtype=float32", 1e-5),
         ("preconditioner=diag,curvature=whiten", 1e-5),
         ("preconditioner=lra,curvature=hvp", 1e-5),
+        ("preconditioner=xmat,curvature=whiten,max_update_amplitude=0.05", 1e-5),  # every whitened step clipped
     ],
 )
 def test_two_sharded_processes_match_one_and_resume_across_world_sizes(
@@ -219,6 +220,8 @@ def test_two_sharded_processes_match_one_and_resume_across_world_sizes(
         # growth cap's history too, with H v); state_dict() on rank 0 only: an error, no hang
         assert ranks[0]["nan_skipped_everywhere"] and ranks[1]["nan_skipped_everywhere"]
         assert "every process must call" in ranks[0]["one_rank_state_dict_error"]
+    if "max_update_amplitude" in options:  # the owner clipped both good steps and did not count the masked one
+        assert sum(rank["clipped_updates"] for rank in ranks) == 2
     if "kron" in options or "diag" in options:
         assert ranks[0]["owners"] == [0, 1]  # both ranks own preconditioners
         assert max(r["rank_preconditioner_bytes"] for r in ranks) < total

@@ -35,6 +35,8 @@ def parse(options: str) -> dict:
         parsed["secant_pairs"] = pairs["secant_pairs"] == "true"
     if "apply_dtype" in pairs:
         parsed["apply_dtype"] = pairs["apply_dtype"]
+    if "max_update_amplitude" in pairs:
+        parsed["max_update_amplitude"] = float(pairs["max_update_amplitude"])
     return parsed
 
 
@@ -134,7 +136,8 @@ def main(out: Path, options: dict) -> None:
 def nan_on_one_rank(initial: torch.nn.Module, options: dict, tokens: torch.Tensor) -> dict:
     """Two good steps, then one whose gradient (with H v: loss, gradient and curvature) is NaN on rank 1 only, then
     ``state_dict()`` on rank 0 only. The NaN step must leave the parameters and every rank's optimizer state
-    (preconditioners, momentum, the growth cap's update-RMS history) as they were, but for its counters."""
+    (preconditioners, momentum, the growth cap's update-RMS history, the count of clipped updates) as they were,
+    but for its counters of skipped steps. Also returns this rank's count of clipped updates after the NaN step."""
     model = copy.deepcopy(initial)
     optimizer = make_optimizer(model, options, shard=True)
 
@@ -168,7 +171,12 @@ def nan_on_one_rank(initial: torch.nn.Module, options: dict, tokens: torch.Tenso
             optimizer.state_dict()
         except RuntimeError as raised:
             error = str(raised)
-    return {"nan_skipped_everywhere": unchanged and state_unchanged and skipped, "one_rank_state_dict_error": error}
+    clipped = sum(int(state.get("clipped_updates", 0)) for state in optimizer.state.values())
+    return {
+        "nan_skipped_everywhere": unchanged and state_unchanged and skipped,
+        "one_rank_state_dict_error": error,
+        "clipped_updates": clipped,
+    }
 
 
 def _state_tensors(optimizer: PSGD) -> dict[str, torch.Tensor]:
